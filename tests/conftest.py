@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny token shards and tiny run configs that train in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from trainer.shards import write_shard
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_VOCAB = 64
+
+
+def token_stream(n: int, seed: int = 0) -> np.ndarray:
+    """A learnable stream: a random walk over the vocabulary (the next token is near the last)."""
+    rng = np.random.default_rng(seed)
+    return np.cumsum(rng.integers(-2, 3, size=n)) % TINY_VOCAB
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny_data")
+    write_shard(directory / "tiny_val_000000.bin", token_stream(20_000, seed=0))
+    for i in (1, 2, 3):
+        write_shard(directory / f"tiny_train_{i:06d}.bin", token_stream(50_000 + 1000 * i, seed=i))
+    return directory
+
+
+def tiny_config(data_dir: Path, run: str = "tiny", **sections) -> dict:
+    """A run config dict for a 2-layer model; `sections` override keys per section."""
+    cfg = {
+        "run": run,
+        "seed": 1,
+        "data": {"dir": str(data_dir), "train_pattern": "tiny_train_*.bin", "val_pattern": "tiny_val_*.bin"},
+        "model": {"n_layer": 2, "n_head": 4, "n_embd": 32, "vocab_size": TINY_VOCAB, "seq_len": 16},
+        "method": {"name": "baseline"},
+        "optim": {"lr": 1e-2, "min_lr": 1e-4, "warmup": 2},
+        "train": {
+            "steps": 12,
+            "batch_size": 8,
+            "micro_batch": "auto",
+            "dtype": "float32",
+            "compile": False,
+            "checkpoint_every": 4,
+            "checkpoint_minutes": 0,
+            "log_every": 1,
+        },
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def child_env() -> dict:
+    """One thread per process: deterministic, and light on a 2-core CI machine."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    return env
+
+
+def run_trainer(config: Path, out: Path, *, nproc: int = 1, check: bool = True, **kwargs):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "trainer.train", "--config", str(config), "--out", str(out)]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "trainer.train", "--config", str(config), "--out", str(out),
+        ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+
+from trainer.config import ModelConfig
+from trainer.model import GPT, apply_rope, rope_tables, swiglu_hidden
+
+PAPER_SCALES = {  # layers, width, SwiGLU hidden, exact non-embedding parameters (PROTOCOL.md)
+    "16M": (6, 224, 768, 4_304_384),
+    "29M": (9, 320, 1024, 12_541_280),
+    "57M": (12, 480, 1280, 33_192_480),
+    "109M": (15, 640, 1792, 76_210_240),
+    "221M": (21, 832, 2304, 178_957_792),
+}
+
+
+@pytest.mark.parametrize("scale", PAPER_SCALES)
+def test_paper_scales_have_the_exact_parameter_counts(scale):
+    n_layer, n_embd, hidden, non_embedding = PAPER_SCALES[scale]
+    assert swiglu_hidden(n_embd) == hidden
+    with torch.device("meta"):
+        model = GPT(ModelConfig(n_layer=n_layer, n_embd=n_embd))
+    assert model.non_embedding_params() == non_embedding
+    assert model.lm_head.weight.shape == (50304, n_embd)
+    nominal = {"16M": 16e6, "29M": 29e6, "57M": 57e6, "109M": 109e6, "221M": 221e6}[scale]
+    assert abs(non_embedding + 50304 * n_embd - nominal) / nominal < 0.03  # nominal N of the tables
+
+
+def test_rope_rotates_adjacent_pairs_of_the_first_half_only():
+    head_dim, seq = 8, 5
+    cos, sin = rope_tables(head_dim, 0.5, seq)
+    d_rot = 4
+    assert cos.shape == (seq, d_rot // 2)
+    # pair i turns at 10000^(-2i/d_rot): pair 0 at 1 rad per position, pair 1 at 0.01
+    assert torch.allclose(torch.atan2(sin[1], cos[1]), torch.tensor([1.0, 0.01]))
+    x = torch.randn(1, 1, seq, head_dim)
+    y = apply_rope(x, cos, sin)
+    assert torch.equal(y[..., d_rot:], x[..., d_rot:])  # second half passes through
+    for t in range(seq):
+        for i in range(d_rot // 2):
+            a = t * 10000.0 ** (-2 * i / d_rot)
+            x0, x1 = x[0, 0, t, 2 * i], x[0, 0, t, 2 * i + 1]
+            expect = torch.stack([x0 * math.cos(a) - x1 * math.sin(a), x0 * math.sin(a) + x1 * math.cos(a)])
+            assert torch.allclose(y[0, 0, t, 2 * i : 2 * i + 2], expect, atol=1e-6)
+
+
+def test_rope_makes_attention_scores_depend_on_relative_position_only():
+    cos, sin = rope_tables(8, 0.5, 12)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(tq, tk):
+        qs = apply_rope(q.expand(1, 1, 12, 8).clone(), cos, sin)[0, 0, tq]
+        ks = apply_rope(k.expand(1, 1, 12, 8).clone(), cos, sin)[0, 0, tk]
+        return (qs * ks).sum()
+
+    assert torch.allclose(score(5, 3), score(9, 7), atol=1e-5)
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(**{"n_layer": 2, "n_head": 4, "n_embd": 32, "vocab_size": 64, "seq_len": 16, **kw})
+
+
+def test_initialisation_follows_the_paper():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=4, n_embd=256, vocab_size=4096, seq_len=32)
+    model = GPT(cfg)
+    H = 256
+    assert abs(model.wte.weight.std().item() - 1 / math.sqrt(H)) < 0.002
+    xavier = math.sqrt(2 / (H + 3 * H))
+    assert abs(model.blocks[0].attn.qkv.weight.std().item() - xavier) < 0.002
+    proj = 0.02 / math.sqrt(2 * 4)
+    assert abs(model.blocks[0].attn.proj.weight.std().item() - proj) < 0.0005
+    assert abs(model.lm_head.weight.std().item() - math.sqrt(2 / (4096 + H))) < 0.001
+    assert all(not (isinstance(m, torch.nn.LayerNorm) and m.bias is not None) for m in model.modules())
+    assert all(not (isinstance(m, torch.nn.Linear) and m.bias is not None) for m in model.modules())
+
+
+def test_tied_embeddings_share_storage_and_end_xavier_normal():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_embd=256, vocab_size=4096, seq_len=8, tied=True))
+    assert model.wte.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    assert abs(model.wte.weight.std().item() - math.sqrt(2 / (4096 + 256))) < 0.001
+    untied = GPT(ModelConfig(n_layer=1, n_embd=256, vocab_size=4096, seq_len=8))
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert n_untied - sum(p.numel() for p in model.parameters()) == 4096 * 256
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx = torch.randint(0, 64, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 64
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
+    assert not torch.allclose(a[0, 10:], b[0, 10:])

@@ -1,0 +1,98 @@
+"""The mitigation methods of the paper, each a few lines.
+
+A method is up to three hooks on the output layer:
+  transform_logits(logits)    -> the model's output logits (softcap)
+  loss_term(logits, E)        -> an extra term that only enters the backward pass (zloss, muloss)
+  after_step(E)               -> an in-place change after each optimizer step (mucentering)
+The logged and evaluated loss is always the plain cross-entropy of the output logits.
+A new method is a subclass registered in METHODS.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Method:
+    name = "baseline"
+    param: str | None = None  # the hyper-parameter key of the run config (method.<param>)
+
+    def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def loss_term(self, logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    @torch.no_grad()
+    def after_step(self, embedding: torch.Tensor) -> None:
+        pass
+
+    def loss(self, raw_logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor):
+        """(cross-entropy to log, loss to minimise); logits in fp32 for a stable softmax."""
+        logits = self.transform_logits(raw_logits.float())
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        term = self.loss_term(logits, embedding)
+        return ce, ce if term is None else ce + term
+
+
+class ZLoss(Method):
+    """lambda * mean over positions of (logsumexp_j l_j)^2."""
+
+    name = "zloss"
+    param = "lambda"
+
+    def __init__(self, lam: float):
+        self.lam = lam
+
+    def loss_term(self, logits, embedding):
+        return self.lam * torch.logsumexp(logits, dim=-1).square().mean()
+
+
+class MuLoss(Method):
+    """lambda * ||mu||^2, mu the row mean of E over all V rows (padding rows included)."""
+
+    name = "muloss"
+    param = "lambda"
+
+    def __init__(self, lam: float):
+        self.lam = lam
+
+    def loss_term(self, logits, embedding):
+        return self.lam * embedding.float().mean(dim=0).square().sum()
+
+
+class MuCentering(Method):
+    """After every optimizer step, subtract mu from every row of E."""
+
+    name = "mucentering"
+
+    @torch.no_grad()
+    def after_step(self, embedding):
+        embedding.sub_(embedding.mean(dim=0, keepdim=True))
+
+
+class SoftCap(Method):
+    """logits <- c * tanh(logits / c) before the loss."""
+
+    name = "softcap"
+    param = "cap"
+
+    def __init__(self, cap: float):
+        self.cap = cap
+
+    def transform_logits(self, logits):
+        return self.cap * torch.tanh(logits / self.cap)
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, ZLoss, MuLoss, MuCentering, SoftCap)}
+
+
+def build_method(cfg) -> Method:
+    """The method of a MethodConfig (None: baseline)."""
+    if cfg is None:
+        return Method()
+    cls = METHODS[cfg.name]
+    if cls.param is None:
+        return cls()
+    return cls(getattr(cfg, {"lambda": "lambda_"}.get(cls.param, cls.param)))

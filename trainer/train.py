@@ -1,0 +1,389 @@
+"""Train one run: `python -m trainer.train --config RUN/config.yaml --out RUN` (also under torchrun).
+
+Re-running the same command resumes from the newest complete checkpoint; a finished run exits
+at once. SIGUSR1, SIGUSR2 and SIGTERM save a checkpoint and exit non-zero. A non-finite loss
+ends the run with status `diverged` and exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer import checkpoint
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError, RunConfig, load_config, micro_batch_size
+from trainer.distributed import Dist, setup, teardown
+from trainer.methods import build_method
+from trainer.model import GPT
+from trainer.optim import build_optimizer, learning_rate, set_learning_rate
+from trainer.shards import (
+    ShardError,
+    TrainBatches,
+    check_vocab,
+    find_shards,
+    rank_rows,
+    to_device,
+    validation_windows,
+)
+from trainer.validation import validation_loss
+
+MICRO_BATCH_TOKENS = 32768  # "auto" micro-batch: at most this many tokens per forward pass
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+FINISHED = ("completed", "diverged")
+
+
+def read_status(out: Path) -> str | None:
+    try:
+        return json.loads((out / "train.json").read_text()).get("status")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA; the CPU always trains in fp32."""
+    if device.type == "cuda" and cfg.train.dtype == "bfloat16":
+        return torch.bfloat16
+    return None
+
+
+def git_revision() -> str | None:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if head.returncode:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions(device: torch.device) -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+    }
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: kB
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class Run:
+    """The state of one training attempt: model, optimizer, data and bookkeeping."""
+
+    def __init__(self, cfg: RunConfig, out: Path, d: Dist):
+        self.cfg, self.out, self.d = cfg, out, d
+        self.ckpt_dir = out / "checkpoints"
+        check_vocab(cfg.data.dir, cfg.model.vocab_size)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(cfg.model, build_method(cfg.method)).to(d.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, d.device)
+        self.step = 0  # steps completed
+        self.time_before = 0.0  # training seconds of earlier attempts
+        self.resume()
+        self.amp = autocast_dtype(cfg, d.device)
+        net = torch.compile(self.model) if cfg.train.compile else self.model
+        self.net = (
+            DDP(net, device_ids=[d.device] if d.device.type == "cuda" else None) if d.world_size > 1 else net
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.batches = TrainBatches(
+            find_shards(cfg.data.dir, cfg.data.train_pattern),
+            cfg.model.seq_len,
+            cfg.train.batch_size,
+            cfg.seed,
+        )
+        self.micro = micro_batch_size(cfg, d.world_size, MICRO_BATCH_TOKENS)
+        self.per_rank = cfg.train.batch_size // d.world_size
+        self.val_windows = None
+        if cfg.train.eval_every:
+            val = find_shards(cfg.data.dir, cfg.data.val_pattern)[0]
+            self.val_windows = validation_windows(val, cfg.model.seq_len, cfg.train.eval_batches * self.micro)
+        self.stop_signal: int | None = None
+        self.wandb = None
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        found = checkpoint.newest(self.ckpt_dir)
+        if found is None:
+            return
+        state, path = found
+        if state["config_hash"] != self.cfg.resume_hash():
+            raise CheckpointError(
+                f"{path}: made with a different run config (hash {state['config_hash']}, now "
+                f"{self.cfg.resume_hash()}); delete {self.ckpt_dir} to start this run afresh"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.time_before = state["train_time_s"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.d.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+            self.truncate_log()
+
+    def truncate_log(self) -> None:
+        """Drop log rows of steps after the checkpoint: they will be trained again."""
+        for name in ("train.jsonl", "val.jsonl"):
+            path = self.out / name
+            if path.exists():
+                rows = [line for line in path.read_text().splitlines() if line.strip()]
+                kept = [r for r in rows if json.loads(r)["step"] <= self.step]
+                path.write_text("".join(r + "\n" for r in kept))
+
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.params)
+
+    def save_checkpoint(self, elapsed: float) -> None:
+        if self.d.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "config_hash": self.cfg.resume_hash(),
+                "config": self.cfg.to_dict(),
+                "train_time_s": self.time_before + elapsed,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+            }
+            checkpoint.atomic_save(state, checkpoint.checkpoint_path(self.ckpt_dir, self.step))
+            checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        self.d.barrier()  # other ranks wait until the file exists
+
+    # --- signals -----------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_signal = signum
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)
+
+    # --- one optimizer step ------------------------------------------------------------------
+
+    def train_step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over this rank's share of the global batch; returns (loss, grad norm)."""
+        cfg = self.cfg
+        set_learning_rate(self.optimizer, lr)
+        rows = rank_rows(cfg.train.batch_size, self.d.rank, self.d.world_size)
+        inputs, targets = to_device(self.batches.read(self.step, rows), self.d.device)
+        accum = self.per_rank // self.micro
+        loss = torch.zeros((), device=self.d.device)
+        for k in range(accum):
+            part = slice(k * self.micro, (k + 1) * self.micro)
+            last = k == accum - 1
+            sync = nullcontext() if last or self.d.world_size == 1 else self.net.no_sync()
+            with sync, torch.autocast(self.d.device.type, dtype=self.amp, enabled=self.amp is not None):
+                ce, total = self.net(inputs[part], targets[part])
+            # Equal-length sequences: the mean of the micro-batch means is the batch mean.
+            (total / accum).backward()
+            loss += ce.detach() / accum
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.method.after_step(self.model.output_embedding)
+        return loss, grad_norm
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def log(self, row: dict, name: str = "train.jsonl") -> None:
+        if self.d.is_main:
+            with open(self.out / name, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.wandb is not None:
+                self.wandb.log(row, step=row["step"])
+
+    def start_wandb(self) -> None:
+        if self.cfg.wandb.enabled and self.d.is_main:
+            import wandb  # optional: only imported when asked for
+
+            self.wandb = wandb.init(
+                project=self.cfg.wandb.project,
+                name=self.cfg.run,
+                id=self.cfg.run,
+                resume="allow",
+                config=self.cfg.to_dict(),
+            )
+
+    def fit(self) -> int:
+        """Train to the end; returns the process exit code."""
+        cfg, d = self.cfg, self.d
+        self.install_signal_handlers()
+        self.start_wandb()
+        tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+        start = time.perf_counter()
+        last_ckpt = last_log_time = start
+        last_log_step = self.step
+        rates: list[float] = []
+        nonfinite = torch.zeros((), dtype=torch.bool, device=d.device)
+        status = "completed"
+        if d.is_main:
+            print(
+                f"{cfg.run}: steps {self.step}->{cfg.train.steps}, world {d.world_size}, "
+                f"micro-batch {self.micro} x {self.per_rank // self.micro} accumulation, device {d.device}",
+                flush=True,
+            )
+        while self.step < cfg.train.steps:
+            lr = learning_rate(cfg.optim, self.step, cfg.train.steps)
+            loss, grad_norm = self.train_step(lr)
+            self.step += 1
+            nonfinite |= ~torch.isfinite(loss)  # stays on the device until the next sync point
+            now = time.perf_counter()
+            last = self.step == cfg.train.steps
+            if self.step % cfg.train.log_every == 0 or last:
+                loss_value = d.mean(loss.clone()).item()
+                rate = (self.step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
+                if last_log_step > 0 or self.step - last_log_step > 1:
+                    rates.append(rate)
+                mu_norm = self.model.output_embedding.float().mean(dim=0).norm().item()
+                row = {
+                    "step": self.step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "mu_norm": mu_norm,
+                    "tokens_per_s": rate,
+                    "elapsed_s": self.time_before + now - start,
+                }
+                self.log(row)
+                if d.is_main:
+                    eta = (cfg.train.steps - self.step) * (now - last_log_time) / (self.step - last_log_step)
+                    print(
+                        f"step {self.step}/{cfg.train.steps} loss {loss_value:.4f} lr {lr:.3e} "
+                        f"{rate:,.0f} tok/s eta {format_eta(eta)}",
+                        flush=True,
+                    )
+                last_log_step, last_log_time = self.step, time.perf_counter()
+            if self.val_windows is not None and (self.step % cfg.train.eval_every == 0 or last):
+                val = validation_loss(self.net, self.val_windows, self.micro, d, self.amp)
+                self.log({"step": self.step, "val_loss": val}, "val.jsonl")
+            by_time = (
+                cfg.train.checkpoint_minutes > 0 and now - last_ckpt >= 60 * cfg.train.checkpoint_minutes
+            )
+            stop, by_time = d.all_agree(self.stop_signal is not None, by_time)
+            by_steps = cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0
+            if stop or by_time or by_steps or last:
+                # A sync point: never let a non-finite model reach a checkpoint.
+                (bad,) = d.all_agree(bool(nonfinite.item()) or not self.weights_finite())
+                if bad:
+                    status = "diverged"
+                    break
+                if not last or stop:
+                    self.save_checkpoint(time.perf_counter() - start)
+                    last_ckpt = time.perf_counter()
+                if stop:
+                    signum = self.stop_signal or signal.SIGTERM
+                    if d.is_main:
+                        print(f"signal {signum}: checkpoint at step {self.step} saved, exiting", flush=True)
+                    return 128 + int(signum)
+        train_time = self.time_before + time.perf_counter() - start
+        self.finish(status, train_time, rates)
+        return 0
+
+    def finish(self, status: str, train_time: float, rates: list[float]) -> None:
+        """final.pt (weights only; none for a diverged run), then train.json, both atomic."""
+        if not self.d.is_main:
+            return
+        cfg = self.cfg
+        tokens = self.step * cfg.train.batch_size * cfg.model.seq_len
+        weights = self.model.state_dict() if status == "completed" else None
+        checkpoint.atomic_save(
+            {"model": weights, "status": status, "step": self.step, "config": cfg.to_dict()},
+            self.out / "final.pt",
+        )
+        steady = sorted(rates)[len(rates) // 2] if rates else tokens / max(train_time, 1e-9)
+        write_json(
+            self.out / "train.json",
+            {
+                "status": status,
+                "steps": self.step,
+                "tokens": tokens,
+                "train_time_s": train_time,
+                "tokens_per_s": steady,
+                "peak_mem_gb": peak_memory_gb(self.d.device),
+                "versions": versions(self.d.device),
+                "git": git_revision(),
+            },
+        )
+        print(f"{cfg.run}: {status} after {self.step} steps, {train_time:.1f} s of training", flush=True)
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def train(cfg: RunConfig, out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    status = read_status(out)
+    if status in FINISHED and (out / "final.pt").exists():
+        print(f"{cfg.run}: already {status}, nothing to do", flush=True)
+        return 0
+    d = setup()
+    try:
+        return Run(cfg, out, d).fit()
+    finally:
+        teardown(d)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="run config (YAML)")
+    parser.add_argument("--out", required=True, help="run directory")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        return train(cfg, Path(args.out))
+    except (ConfigError, ShardError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
