@@ -1,0 +1,131 @@
+"""Throughput benchmark of the training step: step time, tokens/s, MFU and peak memory.
+
+    python -m trainer.bench --scale 16M --method baseline,zloss --steps 50 --compile
+    python -m trainer.bench --config RUN/config.yaml --steps 30
+
+With --scale the paper protocol is used (batch 64 x 2048, bf16) on synthetic tokens, so no data
+is needed. MFU follows PROTOCOL.md: (6 N_eff + 12 L H T) * tokens/s / peak, N_eff = every
+parameter except the input embedding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.config import RunConfig, config_from_dict, load_config
+from trainer.distributed import setup, teardown
+from trainer.shards import write_shard
+
+# The paper's five scales: layers and width (PROTOCOL.md "Model"); heads are 4 throughout.
+PAPER_SCALES = {"16M": (6, 224), "29M": (9, 320), "57M": (12, 480), "109M": (15, 640), "221M": (21, 832)}
+BENCH_PARAMS = {"zloss": {"lambda": 1e-4}, "muloss": {"lambda": 1e-4}, "softcap": {"cap": 30.0}}
+PEAK_FLOPS = 790e12  # bf16 dense matmul peak measured on an H200 (PROTOCOL.md)
+GPT2_VOCAB = 50257
+
+
+def paper_config(scale: str, method: str, data_dir: str, tied: bool = False) -> RunConfig:
+    n_layer, n_embd = PAPER_SCALES[scale]
+    return config_from_dict(
+        {
+            "run": f"bench-{scale}-{method}",
+            "data": {"dir": data_dir, "train_pattern": "synthetic_train_*.bin"},
+            "model": {"n_layer": n_layer, "n_embd": n_embd, "tied": tied},
+            "method": {"name": method, **BENCH_PARAMS.get(method, {})},
+            "train": {"checkpoint_every": 0, "checkpoint_minutes": 0},
+        }
+    )
+
+
+def synthetic_shards(directory: Path, tokens: int = 20_000_000) -> None:
+    """Uniformly random GPT-2 token ids: the step time does not depend on the text."""
+    rng = np.random.default_rng(0)
+    write_shard(directory / "synthetic_train_000001.bin", rng.integers(0, GPT2_VOCAB, size=tokens))
+
+
+def model_flops_per_token(run) -> float:
+    cfg = run.cfg.model
+    n_eff = sum(p.numel() for p in run.model.parameters())  # shared storage counted once
+    if not cfg.tied:
+        n_eff -= run.model.wte.weight.numel()
+    return 6 * n_eff + 12 * cfg.n_layer * cfg.n_embd * cfg.seq_len
+
+
+def bench(cfg: RunConfig, steps: int, warmup: int, out: Path) -> dict:
+    from trainer.train import Run  # imported late: bench --help needs no trainer setup
+
+    d = setup()
+    try:
+        run = Run(cfg, out, d)
+        tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+        sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
+        t_compile = time.perf_counter()
+        for _ in range(warmup):
+            run.train_step(cfg.optim.lr)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss, _ = run.train_step(cfg.optim.lr)
+        sync()
+        elapsed = time.perf_counter() - t0
+        tokens_per_s = steps * tokens_per_step / elapsed  # the global batch, over all ranks
+        peak = torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else float("nan")
+        return {
+            "run": cfg.run,
+            "micro_batch": run.micro,
+            "warmup_s": t0 - t_compile,
+            "step_ms": 1000 * elapsed / steps,
+            "tokens_per_s": tokens_per_s,
+            "mfu": model_flops_per_token(run) * tokens_per_s / d.world_size / PEAK_FLOPS,
+            "peak_mem_gb": peak,
+            "loss": loss.item(),
+            "world_size": d.world_size,
+            "is_main": d.is_main,
+        }
+    finally:
+        teardown(d)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="a run config; its data directory is used as is")
+    parser.add_argument("--scale", choices=list(PAPER_SCALES), help="a paper scale on synthetic tokens")
+    parser.add_argument("--method", default="baseline", help="comma-separated methods (with --scale)")
+    parser.add_argument("--tied", action="store_true", help="tied embeddings (with --scale)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    parser.add_argument("--micro-batch", type=int, help="sequences per forward pass (default: auto)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = parser.parse_args(argv)
+    if bool(args.config) == bool(args.scale):
+        parser.error("give exactly one of --config and --scale")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.config:
+            configs = [load_config(args.config)]
+        else:
+            synthetic_shards(tmp)
+            configs = [paper_config(args.scale, m, str(tmp), args.tied) for m in args.method.split(",")]
+        print("run | micro | compile+warmup s | step ms | tokens/s | MFU | peak GB | loss", flush=True)
+        for cfg in configs:
+            cfg.train.compile = cfg.train.compile or args.compile
+            if args.micro_batch:
+                cfg.train.micro_batch = args.micro_batch
+            r = bench(cfg, args.steps, args.warmup, tmp / cfg.run)
+            if r["is_main"]:
+                print(
+                    f"{r['run']} | {r['micro_batch']} | {r['warmup_s']:.1f} | {r['step_ms']:.1f} | "
+                    f"{r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_mem_gb']:.1f} | {r['loss']:.3f}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
