@@ -69,10 +69,12 @@ def bench(cfg: RunConfig, steps: int, warmup: int, out: Path) -> dict:
         t_compile = time.perf_counter()
         for _ in range(warmup):
             run.train_step(cfg.optim.lr)
+            run.step += 1
         sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             loss, _ = run.train_step(cfg.optim.lr)
+            run.step += 1
         sync()
         elapsed = time.perf_counter() - t0
         tokens_per_s = steps * tokens_per_step / elapsed  # the global batch, over all ranks
