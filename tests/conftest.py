@@ -73,15 +73,43 @@ def child_env() -> dict:
     return env
 
 
-def run_trainer(config: Path, out: Path, *, nproc: int = 1, check: bool = True, **kwargs):
+def run_trainer(config: Path, out: Path, *, nproc: int = 1, check: bool = True):
+    return run_module("trainer.train", "--config", str(config), "--out", str(out), nproc=nproc, check=check)
+
+
+def run_module(module: str, *args: str, nproc: int = 1, check: bool = True):
+    """`python -m module args` (or under torchrun with nproc processes) from the repo root."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "trainer.train", "--config", str(config), "--out", str(out)]
+        cmd = [sys.executable, "-m", module, *args]
     else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "trainer.train", "--config", str(config), "--out", str(out),
-        ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, **kwargs)
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+        ]
+        cmd = [*launcher, "-m", module, *args]
+    result = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+TINY_EVAL = {"batches": 6, "micro_batch": 4, "logit_batches": 3}
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, tiny_data) -> dict[str, Path]:
+    """Tiny finished runs: baseline (untied), mucentering (tied), kept checkpoints at 4 and 8."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name, method, tied in [
+        ("baseline", {"name": "baseline"}, False),
+        ("mucentering", {"name": "mucentering"}, True),
+    ]:
+        run = root / name
+        cfg = tiny_config(tiny_data, run=name, method=method, model={"tied": tied}, eval=TINY_EVAL)
+        run_trainer(write_config(run / "config.yaml", cfg), run)
+        runs[name] = run
+    return runs

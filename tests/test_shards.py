@@ -7,11 +7,11 @@ from trainer.shards import (
     HEADER_BYTES,
     ShardError,
     TrainBatches,
+    ValidationSet,
     check_vocab,
     open_shard,
     rank_rows,
     read_header,
-    validation_windows,
     write_shard,
 )
 
@@ -71,14 +71,18 @@ def test_rank_and_micro_slices_partition_the_global_batch(tiny_data):
         assert np.array_equal(np.concatenate(parts), whole)
 
 
-def test_validation_windows_are_fixed_and_contiguous(tiny_data):
-    path = tiny_data / "tiny_val_000000.bin"
-    w = validation_windows(path, seq_len=16, count=5)
-    tokens = open_shard(path)
+def test_validation_windows_are_fixed_and_contiguous_across_shards(tmp_path):
+    write_shard(tmp_path / "v_val_000000.bin", np.arange(50))  # 3 windows of 16 (+1)
+    write_shard(tmp_path / "v_val_000001.bin", np.arange(100, 140))  # 2 windows
+    val = ValidationSet(sorted(tmp_path.glob("v_val_*.bin")), seq_len=16)
+    assert len(val) == 5
+    w = val.read(range(5))
     assert w.shape == (5, 17)
-    assert w[2].tolist() == tokens[32:49].tolist()
-    with pytest.raises(ShardError, match="validation windows"):
-        validation_windows(path, seq_len=16, count=10**6)
+    assert w[2].tolist() == list(range(32, 49))
+    assert w[3].tolist() == list(range(100, 117)) and w[4].tolist() == list(range(116, 133))
+    assert [f["tokens"] for f in val.identity()] == [50, 40]
+    with pytest.raises(ShardError, match="6 validation windows of 16 tokens asked for"):
+        val.require(6, "eval.batches")
 
 
 def test_model_vocab_smaller_than_tokenizer_is_refused(tmp_path):

@@ -124,20 +124,44 @@ class TrainBatches:
         return torch.from_numpy(out)
 
 
-def validation_windows(path: str | Path, seq_len: int, count: int) -> torch.Tensor:
-    """The first `count` non-overlapping windows of a validation shard: the same for every run
-    that shares data and sequence length, so methods are compared on identical tokens."""
-    tokens = open_shard(path)
-    window = seq_len + 1
-    available = (len(tokens) - 1) // seq_len
-    if count > available:
-        raise ShardError(
-            f"{path}: holds {available} validation windows of {seq_len} tokens, {count} asked for"
-        )
-    out = np.empty((count, window), dtype=np.int64)
-    for i in range(count):
-        out[i] = tokens[i * seq_len : i * seq_len + window]
-    return torch.from_numpy(out)
+class ValidationSet:
+    """Fixed validation windows: window i is tokens [i*T, i*T + T] of the validation shards
+    taken in name order. Identical for every run that shares data and sequence length, so
+    methods are compared on exactly the same tokens."""
+
+    def __init__(self, paths: list[Path], seq_len: int):
+        self.paths = paths
+        self.seq_len = seq_len
+        self.shards = [open_shard(p) for p in paths]
+        self.per_shard = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+        self.starts = np.cumsum([0] + self.per_shard)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def require(self, count: int, what: str) -> None:
+        if count > len(self):
+            names = ", ".join(p.name for p in self.paths)
+            raise ShardError(
+                f"{what}: {count} validation windows of {self.seq_len} tokens asked for, "
+                f"but {names} hold only {len(self)}"
+            )
+
+    def read(self, indices: range) -> torch.Tensor:
+        """Windows by global index, (len(indices), seq_len + 1) int64 on the CPU."""
+        out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        for row, i in enumerate(indices):
+            shard = int(np.searchsorted(self.starts, i, side="right") - 1)
+            offset = (i - self.starts[shard]) * self.seq_len
+            out[row] = self.shards[shard][offset : offset + self.seq_len + 1]
+        return torch.from_numpy(out)
+
+    def identity(self) -> list[dict]:
+        """Which files were read: for provenance in eval.json."""
+        return [
+            {"file": p.name, "bytes": p.stat().st_size, "tokens": len(s)}
+            for p, s in zip(self.paths, self.shards)
+        ]
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

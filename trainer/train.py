@@ -33,11 +33,11 @@ from trainer.optim import build_optimizer, learning_rate, set_learning_rate
 from trainer.shards import (
     ShardError,
     TrainBatches,
+    ValidationSet,
     check_vocab,
     find_shards,
     rank_rows,
     to_device,
-    validation_windows,
 )
 from trainer.validation import validation_loss
 
@@ -139,8 +139,9 @@ class Run:
         self.per_rank = cfg.train.batch_size // d.world_size
         self.val_windows = None
         if cfg.train.eval_every:
-            val = find_shards(cfg.data.dir, cfg.data.val_pattern)[0]
-            self.val_windows = validation_windows(val, cfg.model.seq_len, cfg.train.eval_batches * self.micro)
+            val = ValidationSet(find_shards(cfg.data.dir, cfg.data.val_pattern), cfg.model.seq_len)
+            val.require(cfg.train.eval_batches * self.micro, "train.eval_batches")
+            self.val_windows = val
         self.stop_signal: int | None = None
         self.wandb = None
 
@@ -304,7 +305,9 @@ class Run:
                     )
                 last_log_step, last_log_time = self.step, time.perf_counter()
             if self.val_windows is not None and (self.step % cfg.train.eval_every == 0 or last):
-                val = validation_loss(self.net, self.val_windows, self.micro, d, self.amp)
+                val, _ = validation_loss(
+                    self.net, self.val_windows, cfg.train.eval_batches, self.micro, d, self.amp
+                )
                 self.log({"step": self.step, "val_loss": val}, "val.jsonl")
             by_time = (
                 cfg.train.checkpoint_minutes > 0 and now - last_ckpt >= 60 * cfg.train.checkpoint_minutes
@@ -367,7 +370,9 @@ def train(cfg: RunConfig, out: Path) -> int:
         return 0
     d = setup()
     try:
-        return Run(cfg, out, d).fit()
+        code = Run(cfg, out, d).fit()
+        d.barrier()  # leave together: a rank that tears down early can abort its peers
+        return code
     finally:
         teardown(d)
 

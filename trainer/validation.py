@@ -5,30 +5,35 @@ from __future__ import annotations
 import torch
 
 from trainer.distributed import Dist
-from trainer.shards import to_device
+from trainer.shards import ValidationSet, to_device
+
+
+def my_micro_batches(n_batches: int, micro_batch: int, d: Dist) -> list[range]:
+    """Window indices of the micro-batches this rank evaluates: batches rank, rank + world, ..."""
+    return [range(b * micro_batch, (b + 1) * micro_batch) for b in range(d.rank, n_batches, d.world_size)]
 
 
 @torch.no_grad()
 def validation_loss(
     model: torch.nn.Module,
-    windows: torch.Tensor,
+    windows: ValidationSet,
+    n_batches: int,
     micro_batch: int,
     d: Dist,
     autocast_dtype: torch.dtype | None,
-) -> float:
-    """Every rank takes a disjoint share of the windows; the result is the mean over all of them."""
+) -> tuple[float, int]:
+    """(mean cross-entropy over n_batches x micro_batch windows, tokens evaluated) over all ranks."""
+    windows.require(n_batches * micro_batch, "validation")
     was_training = model.training
     model.eval()
-    mine = windows[d.rank :: d.world_size]
-    total = torch.zeros((), device=d.device, dtype=torch.float64)
-    for start in range(0, len(mine), micro_batch):
-        x, y = to_device(mine[start : start + micro_batch], d.device)
+    total = torch.zeros(2, device=d.device, dtype=torch.float64)  # sum of losses, tokens
+    for rows in my_micro_batches(n_batches, micro_batch, d):
+        x, y = to_device(windows.read(rows), d.device)
         with torch.autocast(d.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             ce, _ = model(x, y)
-        total += ce.double() * len(x)
-    counts = torch.tensor([float(len(mine))], device=d.device, dtype=torch.float64)
+        total[0] += ce.double() * y.numel()
+        total[1] += y.numel()
     if d.world_size > 1:
         torch.distributed.all_reduce(total)
-        torch.distributed.all_reduce(counts)
     model.train(was_training)
-    return (total / counts).item()
+    return (total[0] / total[1]).item(), int(total[1].item())
