@@ -113,3 +113,37 @@ def trained_runs(tmp_path_factory, tiny_data) -> dict[str, Path]:
         run_trainer(write_config(run / "config.yaml", cfg), run)
         runs[name] = run
     return runs
+
+
+@pytest.fixture(scope="session")
+def published_dir() -> Path:
+    """The paper's own per-run CSVs (../shared/published, or $PUBLISHED_DIR); read, never copied."""
+    path = Path(os.environ.get("PUBLISHED_DIR", REPO.parent / "shared" / "published"))
+    if not (path / "v1" / "loss_overview_all.csv").exists():
+        pytest.fail(f"the published CSVs are not at {path}; set PUBLISHED_DIR")
+    return path
+
+
+PAPER_SCALES_YAML = """
+experiment: published
+scales:
+  16M: {params: 16000000, L0: 10.83}
+  29M: {params: 29000000, L0: 10.83}
+  57M: {params: 57000000, L0: 10.83}
+  109M: {params: 109000000, L0: 10.83}
+  221M: {params: 221000000, L0: 10.85}
+comparisons:
+  main: [baseline, "zloss:1e-4", "muloss:1e-4", mucentering]
+  main_v2: [baseline, "softcap:30", "zloss:1e-4", "muloss:1e-4", mucentering]
+  muloss_lambda: ["muloss:1e-7", "muloss:1e-4", "muloss:1e-1", "muloss:1e2"]
+  zloss_lambda: ["zloss:1e-7", "zloss:1e-4", "zloss:1e-1", "zloss:1e2"]
+  tied: [baseline@tied, "softcap:30@tied", "zloss:1e-4@tied", "muloss:1e-4@tied", mucentering@tied]
+  centering_ratio: [baseline, "muloss:1e-1", mucentering]
+"""
+
+
+@pytest.fixture(scope="session")
+def paper_experiment(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("experiment") / "published.yaml"
+    path.write_text(PAPER_SCALES_YAML)
+    return path

@@ -1,0 +1,291 @@
+"""Paper figures for one comparison, each as PDF and PNG (scienceplots' `science` style, no LaTeX).
+
+    python -m workflow.scripts.figures --runs runs.csv --experiment config/paper.yaml \
+        --comparison main --out-dir results/paper/figures/main [--only test_loss mu_norm] \
+        [--runs-dir results/paper/runs] [--reference published_runs.csv]
+
+Figures: test_loss, logit_mean, logit_std, logit_absmax, mu_norm (each vs lr, log x; one colour
+per member, one marker per scale; points with the `diverged_1pct` label filled, others hollow),
+lr_sensitivity (LRS vs N, log-log), b_ratio_hist (baseline, where the data has B_ratio),
+train_loss (training curves per scale at each member's best lr, from train.jsonl; needs
+--runs-dir) and overlay (test loss of these runs over the --reference runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from workflow.scripts.analysis import (  # noqa: E402
+    MissingMembers,
+    best_lr,
+    compute_tables,
+    curve,
+    finite_loss,
+    label_divergence,
+    scales_of,
+    select,
+)
+from workflow.scripts.experiment import Experiment  # noqa: E402
+from workflow.scripts.runids import Member  # noqa: E402
+from workflow.scripts.runscsv import read_runs  # noqa: E402
+
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+LR_METRICS = {  # name: (metric, y label, y scale)
+    "test_loss": ("test_loss", "test loss", "linear"),
+    "logit_mean": ("logit_mean", "mean logit", "linear"),
+    "logit_std": ("logit_std", "logit std", "linear"),
+    "logit_absmax": ("logit_absmax", r"max $|$logit$|$", "log"),
+    "mu_norm": ("mu_norm", r"$\|\mu\|$", "symlog"),
+}
+FIGURES = (*LR_METRICS, "lr_sensitivity", "b_ratio_hist", "train_loss", "overlay")
+
+
+class NoData(ValueError):
+    """A figure whose data is absent: the message says what is missing and where."""
+
+
+def use_style() -> None:
+    import scienceplots  # noqa: F401  (registers the styles)
+
+    plt.style.use(["science", "no-latex"])
+
+
+def colours(members: list[str]) -> dict[str, str]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {m: cycle[i % len(cycle)] for i, m in enumerate(members)}
+
+
+def legend(ax, members: list[str], scales: list[str], colour: dict[str, str]) -> None:
+    handles = [Line2D([], [], color=colour[m], label=m) for m in members]
+    handles += [
+        Line2D([], [], color="grey", marker=MARKERS[i % len(MARKERS)], ls="", mfc="none", label=s)
+        for i, s in enumerate(scales)
+    ]
+    ax.legend(handles=handles, fontsize=5, ncol=2)
+
+
+def metric_points(runs: pd.DataFrame, members: list[Member], metric: str, source: str) -> pd.DataFrame:
+    """Seed-mean metric per (member, scale, lr) with the diverged_1pct label of its test loss."""
+    labels = label_divergence(runs, members, source)
+    frames = []
+    for name, rows in select(runs, members, source).items():
+        values = finite_loss(rows) if metric == "test_loss" else pd.to_numeric(rows[metric], errors="coerce")
+        g = rows.assign(y=values).groupby(["scale", "lr"], as_index=False)["y"].mean()
+        frames.append(g.assign(member=name))
+    points = pd.concat(frames, ignore_index=True)
+    return points.merge(labels[["member", "scale", "lr", "diverged_1pct"]], on=["member", "scale", "lr"])
+
+
+def metric_vs_lr(runs, experiment, members, name, source="runs.csv"):
+    metric, ylabel, yscale = LR_METRICS[name]
+    points = metric_points(runs, members, metric, source)
+    if not np.isfinite(points["y"]).any():
+        raise NoData(f"no finite {metric} for any member in {source}")
+    present = [m.text for m in members if m.text in set(points["member"])]
+    scales = scales_of(runs[runs["scale"].isin(points["scale"])], experiment)
+    colour = colours(present)
+    fig, ax = plt.subplots(figsize=(3.5, 2.6))
+    for member in present:
+        for i, scale in enumerate(scales):
+            p = points[(points["member"] == member) & (points["scale"] == scale)].sort_values("lr")
+            if p.empty:
+                continue
+            marker = MARKERS[i % len(MARKERS)]
+            ax.plot(p["lr"], p["y"], color=colour[member], marker=marker, mfc="none", ms=3, lw=0.8)
+            filled = p[p["diverged_1pct"]]
+            if not filled.empty:
+                ax.scatter(filled["lr"], filled["y"], color=colour[member], marker=marker, s=9, zorder=3)
+    ax.set_xscale("log")
+    if yscale == "symlog":
+        ax.set_yscale("symlog", linthresh=1e-2)
+    else:
+        ax.set_yscale(yscale)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(ylabel)
+    legend(ax, present, scales, colour)
+    return fig
+
+
+def lrs_vs_params(runs, experiment, members, source="runs.csv"):
+    mean, _ = compute_tables(runs, experiment, members, source)["lr_sensitivity"]
+    present = list(mean.columns[2:])
+    colour = colours(present)
+    fig, ax = plt.subplots(figsize=(3.5, 2.6))
+    for member in present:
+        ok = np.isfinite(mean[member]) & (mean[member] > 0)
+        ax.plot(
+            mean["params"][ok], mean[member][ok], color=colour[member], marker="o", ms=3, lw=0.8, label=member
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("LR sensitivity")
+    ax.legend(fontsize=5)
+    return fig
+
+
+def b_ratio_hist(runs, experiment, members, source="runs.csv"):
+    baseline = [m for m in members if m.method == "baseline"]
+    if not baseline:
+        raise NoData("the comparison has no baseline member")
+    rows = select(runs, baseline, source)
+    values = pd.to_numeric(pd.concat(rows.values())["b_ratio"], errors="coerce")
+    values = values[np.isfinite(values)]
+    if values.empty:
+        raise NoData(
+            f"{source} has no b_ratio for {baseline[0].text} (of the published files only the 65-column ones do)"
+        )
+    fig, ax = plt.subplots(figsize=(3.5, 2.6))
+    ax.hist(values, bins=20, color="grey")
+    ax.set_xlabel(r"$B_\mathrm{ratio}$")
+    ax.set_ylabel(f"runs ({baseline[0].text})")
+    return fig
+
+
+def read_train_log(path: Path) -> pd.DataFrame:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows)
+
+
+def train_loss(runs, experiment, members, runs_dir: Path | None, source="runs.csv"):
+    if runs_dir is None:
+        raise NoData("training curves need --runs-dir (the run directories with train.jsonl)")
+    chosen = select(runs, members, source)
+    scales = scales_of(pd.concat(chosen.values()), experiment)
+    colour = colours(list(chosen))
+    fig, axes = plt.subplots(1, len(scales), figsize=(2.2 * len(scales), 2.2), squeeze=False)
+    drawn = 0
+    for ax, scale in zip(axes[0], scales, strict=True):
+        for member, rows in chosen.items():
+            lr = best_lr(curve(rows, scale, None))
+            if math.isnan(lr):
+                continue
+            pick = rows[(rows["scale"] == scale) & np.isclose(rows["lr"], lr)].sort_values("seed")
+            log = runs_dir / pick["run"].iloc[0] / "train.jsonl"
+            if not log.exists():
+                continue
+            frame = read_train_log(log)
+            ax.plot(frame["step"], frame["loss"], color=colour[member], lw=0.8, label=f"{member} (lr {lr:g})")
+            drawn += 1
+        ax.set_title(scale)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=4)
+    axes[0][0].set_ylabel("training loss")
+    if not drawn:
+        plt.close(fig)
+        raise NoData(f"no train.jsonl of these runs under {runs_dir}")
+    return fig
+
+
+def overlay(
+    runs, experiment, members, reference: pd.DataFrame | None, source="runs.csv", reference_source="reference"
+):
+    if reference is None:
+        raise NoData("the overlay needs --reference runs.csv")
+    ours = metric_points(runs, members, "test_loss", source)
+    theirs = metric_points(reference, members, "test_loss", reference_source)
+    both = sorted(
+        set(zip(ours["member"], ours["scale"], strict=True))
+        & set(zip(theirs["member"], theirs["scale"], strict=True))
+    )
+    if not both:
+        raise NoData(f"no member and scale is in both {source} and {reference_source}")
+    colour = colours([m.text for m in members])
+    fig, ax = plt.subplots(figsize=(3.5, 2.6))
+    for member, scale in both:
+        for frame, style in ((ours, "-"), (theirs, "--")):
+            p = frame[(frame["member"] == member) & (frame["scale"] == scale)].sort_values("lr")
+            ax.plot(p["lr"], p["y"], ls=style, color=colour[member], marker="o", ms=2, lw=0.8)
+    handles = [Line2D([], [], color=colour[m], label=m) for m in sorted({m for m, _ in both})]
+    handles += [
+        Line2D([], [], color="grey", ls="-", label="ours"),
+        Line2D([], [], color="grey", ls="--", label="reference"),
+    ]
+    ax.legend(handles=handles, fontsize=5)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("test loss")
+    return fig
+
+
+def make_figure(
+    name, runs, experiment, members, source="runs.csv", runs_dir=None, reference=None, reference_source=None
+):
+    if name in LR_METRICS:
+        return metric_vs_lr(runs, experiment, members, name, source)
+    if name == "lr_sensitivity":
+        return lrs_vs_params(runs, experiment, members, source)
+    if name == "b_ratio_hist":
+        return b_ratio_hist(runs, experiment, members, source)
+    if name == "train_loss":
+        return train_loss(runs, experiment, members, runs_dir, source)
+    return overlay(runs, experiment, members, reference, source, reference_source or "reference")
+
+
+def save(fig, out_dir: Path, name: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for ext in ("pdf", "png"):
+        path = out_dir / f"{name}.{ext}"
+        tmp = out_dir / f".{name}.tmp.{ext}"
+        fig.savefig(tmp, dpi=200)
+        os.replace(tmp, path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", required=True, help="runs.csv")
+    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--comparison", required=True)
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument(
+        "--only", nargs="*", choices=FIGURES, help="draw only these (an absent one is an error)"
+    )
+    parser.add_argument("--runs-dir", help="run directories, for the training curves")
+    parser.add_argument("--reference", help="a second runs.csv (e.g. the published runs) to overlay")
+    args = parser.parse_args(argv)
+    use_style()
+    experiment = Experiment.load(args.experiment)
+    runs = read_runs(args.runs)
+    reference = read_runs(args.reference) if args.reference else None
+    names = args.only or [
+        n for n in FIGURES if (n != "train_loss" or args.runs_dir) and (n != "overlay" or args.reference)
+    ]
+    failed = False
+    for name in names:
+        try:
+            members = experiment.comparison(args.comparison)
+            fig = make_figure(
+                name,
+                runs,
+                experiment,
+                members,
+                args.runs,
+                Path(args.runs_dir) if args.runs_dir else None,
+                reference,
+                args.reference,
+            )
+        except (NoData, MissingMembers, KeyError) as err:
+            print(f"{'error' if args.only else 'skipped'}: {args.comparison}/{name}: {err}", file=sys.stderr)
+            failed = failed or bool(args.only)
+            continue
+        save(fig, Path(args.out_dir), name)
+        print(f"{args.out_dir}/{name}.pdf")
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
