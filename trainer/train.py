@@ -113,8 +113,9 @@ def format_eta(seconds: float) -> str:
 class Run:
     """The state of one training attempt: model, optimizer, data and bookkeeping."""
 
-    def __init__(self, cfg: RunConfig, out: Path, d: Dist):
+    def __init__(self, cfg: RunConfig, out: Path, d: Dist, restart_on_change: bool = False):
         self.cfg, self.out, self.d = cfg, out, d
+        self.restart_on_change = restart_on_change
         self.ckpt_dir = out / "checkpoints"
         check_vocab(cfg.data.dir, cfg.model.vocab_size)
         torch.manual_seed(cfg.seed)
@@ -152,6 +153,12 @@ class Run:
         if found is None:
             return
         state, path = found
+        if state["config_hash"] != self.cfg.resume_hash() and self.restart_on_change:
+            if self.d.is_main:
+                print(f"{path}: made with a different run config; starting afresh", flush=True)
+                self.discard_attempts()
+            self.d.barrier()
+            return
         if state["config_hash"] != self.cfg.resume_hash():
             raise CheckpointError(
                 f"{path}: made with a different run config (hash {state['config_hash']}, now "
@@ -167,6 +174,13 @@ class Run:
         if self.d.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
             self.truncate_log()
+
+    def discard_attempts(self) -> None:
+        """Remove the checkpoints and logs of a run whose config has changed since."""
+        for _, path in checkpoint.list_checkpoints(self.ckpt_dir):
+            path.unlink()
+        for name in ("train.jsonl", "val.jsonl"):
+            (self.out / name).unlink(missing_ok=True)
 
     def truncate_log(self) -> None:
         """Drop log rows of steps after the checkpoint: they will be trained again."""
@@ -362,7 +376,7 @@ class Run:
             self.wandb.finish()
 
 
-def train(cfg: RunConfig, out: Path) -> int:
+def train(cfg: RunConfig, out: Path, restart_on_change: bool = False) -> int:
     out.mkdir(parents=True, exist_ok=True)
     status = read_status(out)
     if status in FINISHED and (out / "final.pt").exists():
@@ -370,7 +384,7 @@ def train(cfg: RunConfig, out: Path) -> int:
         return 0
     d = setup()
     try:
-        code = Run(cfg, out, d).fit()
+        code = Run(cfg, out, d, restart_on_change).fit()
         d.barrier()  # leave together: a rank that tears down early can abort its peers
         return code
     finally:
@@ -381,10 +395,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run config (YAML)")
     parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument(
+        "--on-config-change",
+        choices=["refuse", "restart"],
+        default="refuse",
+        help="checkpoints made with another config: refuse (default) or discard them and start afresh",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
-        return train(cfg, Path(args.out))
+        return train(cfg, Path(args.out), restart_on_change=args.on_config_change == "restart")
     except (ConfigError, ShardError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

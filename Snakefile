@@ -1,0 +1,44 @@
+# The experiment pipeline: experiment file -> run configs -> training -> evaluation -> runs.csv
+# -> the paper's tables and figures. See README.md; every experiment key: config/README.md.
+from snakemake.utils import min_version
+
+
+min_version("8.0")
+
+
+configfile: "config/demo.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/analysis.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{R}/runs.csv",
+        figure_targets(),
+        table_targets(),
+
+
+rule train:
+    input:
+        [f"{R}/runs/{run}/final.pt" for run in GRID.runs],
+
+
+rule figures:
+    input:
+        figure_targets(),
+
+
+rule tables:
+    input:
+        table_targets(),
+
+
+rule plan:
+    localrule: True
+    run:
+        print(plan_report())

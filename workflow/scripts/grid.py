@@ -1,0 +1,180 @@
+"""The experiment file turned into runs: shared by the Snakefile, plan and the tests.
+
+The runs are the union of the grids' products, one per run id. Each run's config is the
+experiment's `protocol`, then the scale's architecture, then the grid's and the method's
+`overrides`, then the run's own coordinates (method, value, lr, seed, tying).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.config import ConfigError, config_from_dict
+from workflow.scripts.runids import METHOD_PARAM, VALUE_PREFIX, Member, RunKey, parse_member
+
+ARCH_KEYS = ("n_layer", "n_embd", "n_head")
+DEFAULT_RESOURCES = {"gpu": 0, "cpus_per_gpu": 4, "mem_mb": 4000, "runtime": 60}
+
+
+class ExperimentError(ValueError):
+    """An experiment file that cannot be planned: the message names the key."""
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def coerce_numbers(config: dict) -> None:
+    """YAML 1.1 reads `1e-3` as a string: turn such strings in the grids into numbers, in place,
+    before the schema checks types (anything that is not a number stays and is rejected)."""
+
+    def number(x):
+        if isinstance(x, str):
+            try:
+                return float(x)
+            except ValueError:
+                return x
+        return x
+
+    for grid in config.get("grids") or []:
+        if not isinstance(grid, dict):
+            continue
+        if isinstance(grid.get("lrs"), list):
+            grid["lrs"] = [number(x) for x in grid["lrs"]]
+        for spec in (grid.get("methods") or {}).values():
+            if isinstance(spec, dict):
+                for key in ("lambda", "cap"):
+                    if isinstance(spec.get(key), list):
+                        spec[key] = [number(x) for x in spec[key]]
+
+
+@dataclass
+class Run:
+    key: RunKey
+    grid: int
+    overrides: dict
+
+    @property
+    def id(self) -> str:
+        return self.key.run_id
+
+
+class Grid:
+    """All runs of an experiment, their configs and resources."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.experiment = config["experiment"]
+        self.scales: dict = config.get("scales") or {}
+        self.runs: dict[str, Run] = {}
+        for i, grid in enumerate(config.get("grids") or []):
+            self._expand(i, grid)
+        self.comparisons: dict[str, list[Member]] = {}
+        for name, members in (config.get("comparisons") or {}).items():
+            try:
+                self.comparisons[name] = [parse_member(m) for m in members]
+            except ValueError as err:
+                raise ExperimentError(f"comparisons.{name}: {err}") from None
+        for run in list(self.runs.values())[:1]:
+            self.run_config(run.id)  # the protocol is checked once, before any job
+        self._check_protocol_everywhere()
+
+    def _expand(self, i: int, grid: dict) -> None:
+        where = f"grids[{i}]"
+        for scale in grid["scales"]:
+            if scale not in self.scales:
+                raise ExperimentError(f"{where}.scales: unknown scale {scale!r} (known: {', '.join(self.scales)})")
+            missing = [k for k in ("n_layer", "n_embd") if k not in self.scales[scale]]
+            if missing:
+                raise ExperimentError(f"scales.{scale}: {' and '.join(missing)} needed to train it")
+        for method, spec in grid["methods"].items():
+            spec = spec or {}
+            param = METHOD_PARAM.get(method)
+            values = spec.get(param) if param else [None]
+            if param and not values:
+                raise ExperimentError(f"{where}.methods.{method}.{param}: {method} needs a list of values")
+            overrides = deep_merge(grid.get("overrides") or {}, spec.get("overrides") or {})
+            for scale in grid["scales"]:
+                for value in values:
+                    for lr in grid["lrs"]:
+                        for seed in grid["seeds"]:
+                            for tied in grid.get("tied", [False]):
+                                key = RunKey(scale, method, None if value is None else float(value), float(lr), int(seed), bool(tied))
+                                if key.run_id in self.runs:
+                                    raise ExperimentError(f"{where}: run {key.run_id} is already made by grids[{self.runs[key.run_id].grid}]")
+                                self.runs[key.run_id] = Run(key, i, overrides)
+
+    def _check_protocol_everywhere(self) -> None:
+        seen = set()
+        for run in self.runs.values():
+            signature = (run.key.scale, run.grid, run.key.method)
+            if signature not in seen:
+                seen.add(signature)
+                self.run_config(run.id)
+
+    # --- one run ---------------------------------------------------------------------------
+
+    def run_dir(self, run_id: str) -> str:
+        return f"results/{self.experiment}/runs/{run_id}"
+
+    def run_config(self, run_id: str) -> dict:
+        """The resolved run config (a plain dict), checked by the trainer's own loader."""
+        run = self.runs[run_id]
+        key = run.key
+        scale = self.scales[key.scale]
+        data = self.config["data"]
+        base = deep_merge(
+            {"data": {"dir": data["dir"], **{k: data[k] for k in ("train_pattern", "val_pattern") if k in data}}},
+            self.config.get("protocol") or {},
+        )
+        base = deep_merge(base, {"model": {k: scale[k] for k in ARCH_KEYS if k in scale}})
+        base = deep_merge(base, run.overrides)
+        method = {"name": key.method}
+        if key.method in VALUE_PREFIX:
+            method[METHOD_PARAM[key.method]] = key.value
+        base = deep_merge(base, {"run": run_id, "seed": key.seed, "method": method, "model": {"tied": key.tied}, "optim": {"lr": key.lr}})
+        try:
+            config_from_dict(base)
+        except ConfigError as err:
+            raise ExperimentError(f"run {run_id} (protocol, scales.{key.scale}, overrides): {err}") from None
+        return base
+
+    def resources(self, scale: str) -> dict:
+        return {**DEFAULT_RESOURCES, **(self.scales[scale].get("resources") or {})}
+
+    def tokens(self, run_id: str) -> int:
+        cfg = self.run_config(run_id)
+        train = cfg.get("train", {})
+        return int(train.get("steps", 100_000)) * int(train.get("batch_size", 64)) * int(cfg.get("model", {}).get("seq_len", 2048))
+
+    def gpu_hours(self, run_id: str) -> float:
+        """GPU-hours of one run from the scale's throughput (tokens/s per GPU); NaN if unknown."""
+        throughput = self.scales[self.runs[run_id].key.scale].get("throughput")
+        return self.tokens(run_id) / float(throughput) / 3600 if throughput else math.nan
+
+    # --- comparisons -------------------------------------------------------------------------
+
+    def members_runs(self, comparison: str) -> list[str]:
+        """Run ids of the comparison's members, in grid order."""
+        members = self.comparisons[comparison]
+        return [r.id for r in self.runs.values() if any(m.matches(r.key.method, r.key.value, r.key.tied) for m in members)]
+
+    def absent_members(self, comparison: str) -> list[str]:
+        return [m.text for m in self.comparisons[comparison] if not any(m.matches(r.key.method, r.key.value, r.key.tied) for r in self.runs.values())]
+
+
+def load(path: str | Path) -> Grid:
+    import yaml
+
+    config = yaml.safe_load(Path(path).read_text())
+    coerce_numbers(config)
+    return Grid(config)
