@@ -2,11 +2,13 @@
 # -> the paper's tables and figures. See README.md; every experiment key: config/README.md.
 from snakemake.utils import min_version
 
-
 min_version("8.0")
 
 
-configfile: "config/demo.yaml"
+# The demo is the default; --configfile config/X.yaml replaces it (rather than being merged into it).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/demo.yaml"
 
 
 include: "workflow/rules/common.smk"
@@ -36,9 +38,3 @@ rule figures:
 rule tables:
     input:
         table_targets(),
-
-
-rule plan:
-    localrule: True
-    run:
-        print(plan_report())

@@ -1,25 +1,23 @@
-# runs.csv, per-comparison run lists, tables and figures (all local, cheap).
-import hashlib
-import re
-import shutil
-import urllib.request
-import warnings
+# runs.csv, per-comparison run lists, tables, figures and the plan (all local and cheap).
 
 
 rule experiment_file:
     # The analysis steps read scales, vocabulary and comparisons from this resolved copy.
     output:
         f"{R}/experiment.yaml",
-    params:
-        experiment={k: config.get(k) for k in ("experiment", "scales", "comparisons", "protocol")},
+    log:
+        f"{R}/logs/experiment_file.log",
     localrule: True
-    run:
-        Path(output[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(output[0]).write_text(yaml.safe_dump(params.experiment, sort_keys=False))
-
-
-def eval_inputs(run_ids):
-    return [f"{R}/runs/{r}/{name}" for r in run_ids for name in ("eval.json", "train.json")]
+    conda:
+        ENV
+    params:
+        config={
+            k: config[k]
+            for k in ("experiment", "scales", "comparisons", "protocol")
+            if k in config
+        },
+    script:
+        "../scripts/configure_run.py"
 
 
 if not PUBLISHED:
@@ -30,12 +28,17 @@ if not PUBLISHED:
             experiment=f"{R}/experiment.yaml",
         output:
             f"{R}/runs.csv",
-        params:
-            ids=" ".join(GRID.runs),
+        log:
+            f"{R}/logs/aggregate.log",
         localrule: True
+        conda:
+            ENV
+        params:
+            runs_dir=lambda wildcards: f"{R}/runs",
+            ids=" ".join(GRID.runs),
         shell:
             "python -m workflow.scripts.aggregate --experiment {input.experiment} "
-            "--runs-dir {R}/runs --runs {params.ids} --out {output}"
+            "--runs-dir {params.runs_dir} --runs {params.ids} --out {output} > {log} 2>&1"
 
     rule comparison_runs:
         # Only the runs a comparison needs: one figure or table trains only its comparison.
@@ -44,43 +47,36 @@ if not PUBLISHED:
             experiment=f"{R}/experiment.yaml",
         output:
             f"{R}/comparisons/{{comparison}}.csv",
-        params:
-            ids=lambda wildcards: " ".join(GRID.members_runs(wildcards.comparison)),
+        log:
+            f"{R}/logs/comparison_runs/{{comparison}}.log",
         localrule: True
+        conda:
+            ENV
+        params:
+            runs_dir=lambda wildcards: f"{R}/runs",
+            ids=lambda wildcards: " ".join(GRID.members_runs(wildcards.comparison)),
         shell:
             "python -m workflow.scripts.aggregate --experiment {input.experiment} "
-            "--runs-dir {R}/runs --runs {params.ids} --out {output}"
+            "--runs-dir {params.runs_dir} --runs {params.ids} --out {output} > {log} 2>&1"
 
 else:
-
-    PUBLISHED_FILES = {p["file"]: p for p in config["published"]}
 
     rule fetch_published:
         # The paper's CSVs: from --config published_dir=..., else downloaded once from pinned URLs.
         output:
             "resources/published/{file}",
+        log:
+            "resources/published/{file}.log",
+        wildcard_constraints:
+            file="|".join(f.replace(".", r"\.") for f in PUBLISHED_FILES),
+        localrule: True
+        conda:
+            ENV
         params:
             entry=lambda wildcards: PUBLISHED_FILES[wildcards.file],
             local=config.get("published_dir"),
-        wildcard_constraints:
-            file="|".join(re.escape(f) for f in PUBLISHED_FILES),
-        localrule: True
-        run:
-            entry = params.entry
-            Path(output[0]).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(output[0] + ".tmp")
-            if params.local:
-                shutil.copyfile(Path(params.local) / entry["file"], tmp)
-            else:
-                urllib.request.urlretrieve(entry["url"], tmp)
-            digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-            if digest != entry["sha256"]:
-                message = f"{entry['file']}: sha256 {digest}, expected {entry['sha256']}"
-                if entry.get("exact", True):
-                    tmp.unlink()
-                    raise WorkflowError(message)
-                warnings.warn(message + " (a reconstructed copy; used anyway)")
-            tmp.replace(output[0])
+        script:
+            "../scripts/fetch_published.py"
 
     rule import_published:
         input:
@@ -88,14 +84,14 @@ else:
             experiment=f"{R}/experiment.yaml",
         output:
             f"{R}/runs.csv",
+        log:
+            f"{R}/logs/import_published.log",
         localrule: True
+        conda:
+            ENV
         shell:
             "python -m workflow.scripts.import_published --csv {input.csv} "
-            "--experiment {input.experiment} --out {output}"
-
-
-def comparison_csv(wildcards):
-    return f"{R}/runs.csv" if PUBLISHED else f"{R}/comparisons/{wildcards.comparison}.csv"
+            "--experiment {input.experiment} --out {output} > {log} 2>&1"
 
 
 rule table:
@@ -104,11 +100,16 @@ rule table:
         experiment=f"{R}/experiment.yaml",
     output:
         multiext(f"{R}/tables/{{comparison}}/{{table}}", ".csv", ".md", ".tex"),
+    log:
+        f"{R}/logs/table/{{comparison}}-{{table}}.log",
     localrule: True
+    conda:
+        ENV
+    params:
+        out_dir=lambda wildcards: f"{R}/tables/{wildcards.comparison}",
     shell:
         "python -m workflow.scripts.tables --runs {input.runs} --experiment {input.experiment} "
-        "--comparison {wildcards.comparison} --out-dir {R}/tables/{wildcards.comparison} "
-        "--only {wildcards.table}"
+        "--comparison {wildcards.comparison} --out-dir {params.out_dir} --only {wildcards.table} > {log} 2>&1"
 
 
 rule figure:
@@ -123,10 +124,26 @@ rule figure:
             category="{comparison}",
             subcategory="{figure}",
         ),
-    params:
-        runs_dir="" if PUBLISHED else f"--runs-dir {R}/runs",
+    log:
+        f"{R}/logs/figure/{{comparison}}-{{figure}}.log",
     localrule: True
+    conda:
+        ENV
+    params:
+        out_dir=lambda wildcards: f"{R}/figures/{wildcards.comparison}",
+        runs_dir="" if PUBLISHED else f"--runs-dir {R}/runs",
     shell:
         "python -m workflow.scripts.figures --runs {input.runs} --experiment {input.experiment} "
-        "--comparison {wildcards.comparison} --out-dir {R}/figures/{wildcards.comparison} "
-        "--only {wildcards.figure} {params.runs_dir}"
+        "--comparison {wildcards.comparison} --out-dir {params.out_dir} "
+        "--only {wildcards.figure} {params.runs_dir} > {log} 2>&1"
+
+
+rule plan:
+    # `snakemake plan`: jobs left per rule and scale, GPU-hours, finished runs (printed and logged).
+    log:
+        f"{R}/logs/plan.txt",
+    localrule: True
+    conda:
+        ENV
+    run:
+        write_plan(log[0])

@@ -1,11 +1,14 @@
-# The grid, run ids and targets, computed once from the validated experiment file.
+# The grid, run ids, targets and the helper functions of the rules, computed once from the
+# validated experiment file.
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-sys.path.insert(0, workflow.basedir)  # the repo root: trainer/, data/, workflow/scripts/
+sys.path.insert(
+    0, workflow.basedir
+)  # the repo root: trainer/, data/, workflow/scripts/
 
 from workflow.scripts.grid import ExperimentError, Grid, coerce_numbers
 from workflow.scripts.plan import plan, report as plan_text
@@ -18,17 +21,25 @@ except ExperimentError as err:
     raise WorkflowError(f"experiment file: {err}") from None
 
 R = f"results/{config['experiment']}"
+ENV = "../../environment.yml"
 PUBLISHED = bool(config.get("published"))
 if not PUBLISHED and not GRID.runs:
-    raise WorkflowError("experiment file: grids: empty (no runs to train and nothing `published`)")
+    raise WorkflowError(
+        "experiment file: grids: empty (no runs to train and nothing `published`)"
+    )
 if not PUBLISHED and "data" not in config:
-    raise WorkflowError("experiment file: data: missing (where the shards are, and how to prepare them)")
+    raise WorkflowError(
+        "experiment file: data: missing (where the shards are, and how to prepare them)"
+    )
 for _name in GRID.comparisons:
-    _absent = GRID.absent_members(_name) if not PUBLISHED else []
+    _absent = [] if PUBLISHED else GRID.absent_members(_name)
     if _absent:
-        raise WorkflowError(f"experiment file: comparisons.{_name}: no run of the grids is {', '.join(_absent)}")
-
+        raise WorkflowError(
+            f"experiment file: comparisons.{_name}: no run of the grids is {', '.join(_absent)}"
+        )
 TABLES = config["tables"]
+DATA_META = [] if PUBLISHED else f"{config['data']['dir']}/meta.json"
+PUBLISHED_FILES = {p["file"]: p for p in config.get("published") or []}
 
 
 wildcard_constraints:
@@ -38,11 +49,16 @@ wildcard_constraints:
     figure="[a-z_]+",
 
 
+# --- targets -------------------------------------------------------------------------------
+
+
 def figures_of(comparison):
     """The experiment's figures that make sense for this comparison."""
     names = []
     for name in config["figures"]:
-        if name == "b_ratio_hist" and not any(m.method == "baseline" for m in GRID.comparisons[comparison]):
+        if name == "b_ratio_hist" and not any(
+            m.method == "baseline" for m in GRID.comparisons[comparison]
+        ):
             continue  # the histogram is of the baseline member
         if name == "train_loss" and PUBLISHED:
             continue  # published runs have no training curves
@@ -51,20 +67,84 @@ def figures_of(comparison):
 
 
 def figure_targets():
-    return [f"{R}/figures/{c}/{f}.{ext}" for c in GRID.comparisons for f in figures_of(c) for ext in ("pdf", "png")]
+    return [
+        f"{R}/figures/{c}/{f}.{ext}"
+        for c in GRID.comparisons
+        for f in figures_of(c)
+        for ext in ("pdf", "png")
+    ]
 
 
 def table_targets():
-    return [f"{R}/tables/{c}/{t}.{ext}" for c in GRID.comparisons for t in TABLES for ext in ("csv", "md", "tex")]
+    return [
+        f"{R}/tables/{c}/{t}.{ext}"
+        for c in GRID.comparisons
+        for t in TABLES
+        for ext in ("csv", "md", "tex")
+    ]
 
 
-def run_dir(run):
-    return f"{R}/runs/{run}"
+# --- runs ----------------------------------------------------------------------------------
 
 
-def scale_of(wildcards):
-    return GRID.runs[wildcards.run].key.scale
+def run_dir(wildcards):
+    return f"{R}/runs/{wildcards.run}"
 
 
-def plan_report():
-    return plan_text(GRID, plan(GRID))
+def scale_resource(name):
+    return lambda wildcards: GRID.resources(GRID.runs[wildcards.run].key.scale)[name]
+
+
+def train_runtime(wildcards, attempt):
+    """Minutes: the scale's runtime, doubled on each retry (the trainer resumes where it stopped)."""
+    return GRID.resources(GRID.runs[wildcards.run].key.scale)["runtime"] * 2 ** (
+        attempt - 1
+    )
+
+
+def launcher(wildcards, resources):
+    """torchrun when a run has several GPUs; locally, gpu_slots gives each job its own devices."""
+    gpus = int(resources.gpu)
+    python = f"python -m workflow.scripts.gpu_slots --gpus {gpus} -- python"
+    if gpus > 1:
+        return f"{python} -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+    return python
+
+
+def prepare_arguments(wildcards):
+    data = config["data"]
+    prepare = data.get("prepare") or {}
+    source = prepare.get("source")
+    if source is None:
+        raise WorkflowError(
+            f"{data['dir']}/meta.json is missing and data.prepare says nothing about how to make it"
+        )
+    tokenizer = (
+        ""
+        if source == "pretokenized"
+        else f"--tokenizer {data.get('tokenizer', 'gpt2')}"
+    )
+    return f"{source} --out {data['dir']} {tokenizer} {prepare.get('args', '')}"
+
+
+# --- analysis ------------------------------------------------------------------------------
+
+
+def eval_inputs(run_ids):
+    return [
+        f"{R}/runs/{r}/{name}" for r in run_ids for name in ("eval.json", "train.json")
+    ]
+
+
+def comparison_csv(wildcards):
+    return (
+        f"{R}/runs.csv" if PUBLISHED else f"{R}/comparisons/{wildcards.comparison}.csv"
+    )
+
+
+def write_plan(path):
+    """Print the plan and keep a copy in the log."""
+    text = plan_text(GRID, plan(GRID))
+    print(text)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text + "\n")

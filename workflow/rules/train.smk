@@ -2,38 +2,20 @@
 # Rerun triggers: a run's config is a `params` of configure_run, so changing a run-config value
 # reruns exactly the runs whose config changed; the trainer is called through `shell` and no
 # trainer file is an input, so editing trainer code restarts nothing.
-import yaml
-
-
-def resource(name):
-    return lambda wildcards: GRID.resources(scale_of(wildcards))[name]
-
-
-def train_runtime(wildcards, attempt):
-    """Minutes: the scale's runtime, doubled on each retry (the trainer resumes where it stopped)."""
-    return GRID.resources(scale_of(wildcards))["runtime"] * 2 ** (attempt - 1)
-
-
-def launcher(wildcards, resources):
-    """torchrun when a run has several GPUs; locally, gpu_slots gives each job its own devices."""
-    gpus = int(resources.gpu)
-    python = f"python -m workflow.scripts.gpu_slots --gpus {gpus} -- python"
-    if gpus > 1:
-        return f"{python} -m torch.distributed.run --standalone --nproc_per_node {gpus}"
-    return python
 
 
 rule configure_run:
     output:
         f"{R}/runs/{{run}}/config.yaml",
+    log:
+        f"{R}/logs/configure_run/{{run}}.log",
+    localrule: True
+    conda:
+        ENV
     params:
         config=lambda wildcards: GRID.run_config(wildcards.run),
-    localrule: True
-    run:
-        Path(output[0]).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(output[0] + ".tmp")
-        tmp.write_text(yaml.safe_dump(params.config, sort_keys=False))
-        tmp.replace(output[0])
+    script:
+        "../scripts/configure_run.py"
 
 
 rule train_run:
@@ -43,21 +25,26 @@ rule train_run:
     output:
         final=f"{R}/runs/{{run}}/final.pt",
         info=f"{R}/runs/{{run}}/train.json",
-    params:
-        dir=lambda wildcards: run_dir(wildcards.run),
-        launcher=launcher,
-    resources:
-        gpu=resource("gpu"),
-        cpus_per_gpu=resource("cpus_per_gpu"),
-        mem_mb=resource("mem_mb"),
-        runtime=train_runtime,
+    log:
+        # the trainer's own output goes to RUN/logs/train.attempt<N>.log, one per attempt
+        f"{R}/logs/train_run/{{run}}.log",
     retries: 2
+    conda:
+        ENV
+    resources:
+        gpu=scale_resource("gpu"),
+        cpus_per_gpu=scale_resource("cpus_per_gpu"),
+        mem_mb=scale_resource("mem_mb"),
+        runtime=train_runtime,
+    params:
+        dir=run_dir,
+        launcher=launcher,
     shell:
-        # one log per attempt: logs/train.attempt<N>.log
-        "mkdir -p {params.dir}/logs; "
+        "(mkdir -p {params.dir}/logs; "
         "n=$(find {params.dir}/logs -name 'train.attempt*.log' | wc -l); "
+        "echo attempt $((n + 1)); "
         "{params.launcher} -m trainer.train --config {input.config} --out {params.dir} "
-        "--on-config-change restart > {params.dir}/logs/train.attempt$((n + 1)).log 2>&1"
+        "--on-config-change restart > {params.dir}/logs/train.attempt$((n + 1)).log 2>&1) > {log} 2>&1"
 
 
 rule evaluate:
@@ -66,14 +53,20 @@ rule evaluate:
         config=f"{R}/runs/{{run}}/config.yaml",
     output:
         f"{R}/runs/{{run}}/eval.json",
-    params:
-        dir=lambda wildcards: run_dir(wildcards.run),
-    resources:
-        gpu=lambda wildcards: min(1, GRID.resources(scale_of(wildcards))["gpu"]),
-        cpus_per_gpu=resource("cpus_per_gpu"),
-        mem_mb=resource("mem_mb"),
-        runtime=lambda wildcards, attempt: 60 * attempt,
+    log:
+        f"{R}/runs/{{run}}/logs/evaluate.log",
     retries: 1
+    conda:
+        ENV
+    resources:
+        gpu=lambda wildcards: min(
+            1, GRID.resources(GRID.runs[wildcards.run].key.scale)["gpu"]
+        ),
+        cpus_per_gpu=scale_resource("cpus_per_gpu"),
+        mem_mb=scale_resource("mem_mb"),
+        runtime=lambda wildcards, attempt: 60 * attempt,
+    params:
+        dir=run_dir,
     shell:
         "python -m workflow.scripts.gpu_slots --gpus {resources.gpu} -- "
-        "python -m trainer.evaluate --run {params.dir} > {params.dir}/logs/evaluate.log 2>&1"
+        "python -m trainer.evaluate --run {params.dir} > {log} 2>&1"

@@ -16,11 +16,11 @@ class Experiment:
     def __init__(self, raw: dict):
         self.raw = raw
         self.name = raw.get("experiment", "experiment")
-        self.scales: dict = raw.get("scales", {})
-        model = raw.get("protocol", {}).get("model", {})
+        self.scales: dict = raw.get("scales") or {}
+        model = (raw.get("protocol") or {}).get("model") or {}
         self.vocab_size = int(model.get("vocab_size", DEFAULT_VOCAB))
         self.comparisons: dict[str, list[Member]] = {
-            name: [parse_member(m) for m in members] for name, members in raw.get("comparisons", {}).items()
+            name: [parse_member(m) for m in members] for name, members in (raw.get("comparisons") or {}).items()
         }
 
     @classmethod

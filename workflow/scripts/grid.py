@@ -45,6 +45,11 @@ def coerce_numbers(config: dict) -> None:
                 return x
         return x
 
+    for scale in (config.get("scales") or {}).values():
+        if isinstance(scale, dict):
+            for key in ("params", "L0", "throughput"):
+                if key in scale:
+                    scale[key] = number(scale[key])
     for grid in config.get("grids") or []:
         if not isinstance(grid, dict):
             continue

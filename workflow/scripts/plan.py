@@ -17,7 +17,7 @@ from pathlib import Path
 
 from workflow.scripts.grid import Grid, load
 
-RULES = ("configure_run", "train", "evaluate")
+RULES = ("configure_run", "train_run", "evaluate")
 
 
 def run_state(run_dir: Path) -> str:
@@ -49,7 +49,7 @@ def plan(grid: Grid, root: Path = Path(".")) -> dict:
         if state == "new":
             jobs["configure_run"][scale] += 1
         if state in ("new", "configured", "started"):
-            jobs["train"][scale] += 1
+            jobs["train_run"][scale] += 1
             hours[scale] += grid.gpu_hours(run_id)  # a started run is counted whole: an upper bound
         jobs["evaluate"][scale] += 1
     comparisons = {}

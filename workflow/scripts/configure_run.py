@@ -1,0 +1,17 @@
+"""Snakemake script of rules configure_run and experiment_file: write params.config as YAML, atomically."""
+
+from pathlib import Path
+
+import yaml
+
+
+def write_run_config(config: dict, path: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp.replace(target)
+
+
+if "snakemake" in globals():  # run by Snakemake's script directive
+    write_run_config(snakemake.params.config, snakemake.output[0])  # noqa: F821
