@@ -29,6 +29,7 @@ from data.tokenizers import TokenizerError, load_tokenizer, padded_vocab
 from trainer.shards import ShardError, find_shards, open_shard, read_header
 
 DOCS_PER_TASK = 64  # documents per task handed to a tokenizer worker
+TASKS_PER_WORKER = 8  # tasks in flight per worker
 
 _worker_tokenizer = None
 
@@ -81,17 +82,19 @@ def tokenize_to_shards(
     target = val_tokens + max_train_shards * shard_tokens if max_train_shards else None
     progress = Progress(target, writer.tokens_written)
     doc = start_doc
+    batches = _batches(documents(start_doc), DOCS_PER_TASK)
     with Pool(workers, initializer=_init_worker, initargs=(tokenizer, tokenizer_file)) as pool:
-        for encoded in pool.imap(_encode_batch, _batches(documents(start_doc), DOCS_PER_TASK)):
-            for tokens in encoded:
-                writer.add(tokens, doc, offset)
-                offset = 0
-                doc += 1
-                if writer.full():
-                    break
-            progress.update(writer.tokens_written + writer.buffered)
-            if writer.full():
-                break
+        # A few batches per worker at a time: memory stays bounded on an endless stream, and the
+        # pool is never left with queued work when the last shard is full.
+        while not writer.full() and (chunk := list(itertools.islice(batches, TASKS_PER_WORKER * workers))):
+            for encoded in pool.imap(_encode_batch, chunk):
+                for tokens in encoded:
+                    if writer.full():
+                        break
+                    writer.add(tokens, doc, offset)
+                    offset = 0
+                    doc += 1
+                progress.update(writer.tokens_written + writer.buffered)
     writer.close(doc)
     progress.update(writer.tokens_written, final=True)
     if not any(s["split"] == "train" for s in writer.meta["shards"]):

@@ -155,13 +155,17 @@ def test_changed_config_is_refused_on_resume(tmp_path, tiny_data):
     assert "made with a different run config" in result.stderr
     assert "Traceback" not in result.stderr
     # the workflow asks for a fresh start instead: it reruns a run exactly because its config changed
-    result = run_module("trainer.train", "--config", str(cfg), "--out", str(run), "--on-config-change", "restart")
+    result = run_module(
+        "trainer.train", "--config", str(cfg), "--out", str(run), "--on-config-change", "restart"
+    )
     assert "starting afresh" in result.stdout and "resumed" not in result.stdout
     assert [r["step"] for r in read_rows(run / "train.jsonl")] == list(range(1, 9))
     # a bookkeeping change is fine
     (run / "train.json").unlink()
     (run / "final.pt").unlink()
-    write_config(run / "config.yaml", tiny_config(tiny_data, train={"steps": 8, "log_every": 2}, optim={"warmup": 3}))
+    write_config(
+        run / "config.yaml", tiny_config(tiny_data, train={"steps": 8, "log_every": 2}, optim={"warmup": 3})
+    )
     assert "resumed from" in run_trainer(cfg, run).stdout
 
 

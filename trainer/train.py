@@ -1,7 +1,7 @@
 """Train one run: `python -m trainer.train --config RUN/config.yaml --out RUN` (also under torchrun).
 
 Re-running the same command resumes from the newest complete checkpoint; a finished run exits
-at once. SIGUSR1, SIGUSR2 and SIGTERM save a checkpoint and exit non-zero. A non-finite loss
+at once. SIGUSR1, SIGUSR2, SIGTERM and SIGINT save a checkpoint and exit non-zero. A non-finite loss
 ends the run with status `diverged` and exit code 0.
 """
 
@@ -42,7 +42,7 @@ from trainer.shards import (
 from trainer.validation import validation_loss
 
 MICRO_BATCH_TOKENS = 32768  # "auto" micro-batch: at most this many tokens per forward pass
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)  # INT: Ctrl-C
 FINISHED = ("completed", "diverged")
 
 

@@ -12,6 +12,7 @@ sys.path.insert(
 
 from workflow.scripts.grid import ExperimentError, Grid, coerce_numbers
 from workflow.scripts.plan import plan, report as plan_text
+from workflow.scripts.runids import RUN_WILDCARD
 
 coerce_numbers(config)
 validate(config, "../schemas/experiment.schema.yaml")
@@ -43,7 +44,7 @@ PUBLISHED_FILES = {p["file"]: p for p in config.get("published") or []}
 
 
 wildcard_constraints:
-    run=r"[A-Za-z0-9.]+-[a-z]+(-[gc][0-9.e+-]+)?-lr[0-9.e+-]+-s\d+(-tied)?",
+    run=RUN_WILDCARD,
     comparison="|".join(GRID.comparisons) or "none",
     table="|".join(TABLES),
     figure="[a-z_]+",

@@ -20,7 +20,8 @@ class Experiment:
         model = (raw.get("protocol") or {}).get("model") or {}
         self.vocab_size = int(model.get("vocab_size", DEFAULT_VOCAB))
         self.comparisons: dict[str, list[Member]] = {
-            name: [parse_member(m) for m in members] for name, members in (raw.get("comparisons") or {}).items()
+            name: [parse_member(m) for m in members]
+            for name, members in (raw.get("comparisons") or {}).items()
         }
 
     @classmethod

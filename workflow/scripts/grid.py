@@ -97,7 +97,9 @@ class Grid:
         where = f"grids[{i}]"
         for scale in grid["scales"]:
             if scale not in self.scales:
-                raise ExperimentError(f"{where}.scales: unknown scale {scale!r} (known: {', '.join(self.scales)})")
+                raise ExperimentError(
+                    f"{where}.scales: unknown scale {scale!r} (known: {', '.join(self.scales)})"
+                )
             missing = [k for k in ("n_layer", "n_embd") if k not in self.scales[scale]]
             if missing:
                 raise ExperimentError(f"scales.{scale}: {' and '.join(missing)} needed to train it")
@@ -113,9 +115,18 @@ class Grid:
                     for lr in grid["lrs"]:
                         for seed in grid["seeds"]:
                             for tied in grid.get("tied", [False]):
-                                key = RunKey(scale, method, None if value is None else float(value), float(lr), int(seed), bool(tied))
+                                key = RunKey(
+                                    scale,
+                                    method,
+                                    None if value is None else float(value),
+                                    float(lr),
+                                    int(seed),
+                                    bool(tied),
+                                )
                                 if key.run_id in self.runs:
-                                    raise ExperimentError(f"{where}: run {key.run_id} is already made by grids[{self.runs[key.run_id].grid}]")
+                                    raise ExperimentError(
+                                        f"{where}: run {key.run_id} is already made by grids[{self.runs[key.run_id].grid}]"
+                                    )
                                 self.runs[key.run_id] = Run(key, i, overrides)
 
     def _check_protocol_everywhere(self) -> None:
@@ -138,7 +149,12 @@ class Grid:
         scale = self.scales[key.scale]
         data = self.config["data"]
         base = deep_merge(
-            {"data": {"dir": data["dir"], **{k: data[k] for k in ("train_pattern", "val_pattern") if k in data}}},
+            {
+                "data": {
+                    "dir": data["dir"],
+                    **{k: data[k] for k in ("train_pattern", "val_pattern") if k in data},
+                }
+            },
             self.config.get("protocol") or {},
         )
         base = deep_merge(base, {"model": {k: scale[k] for k in ARCH_KEYS if k in scale}})
@@ -146,7 +162,16 @@ class Grid:
         method = {"name": key.method}
         if key.method in VALUE_PREFIX:
             method[METHOD_PARAM[key.method]] = key.value
-        base = deep_merge(base, {"run": run_id, "seed": key.seed, "method": method, "model": {"tied": key.tied}, "optim": {"lr": key.lr}})
+        base = deep_merge(
+            base,
+            {
+                "run": run_id,
+                "seed": key.seed,
+                "method": method,
+                "model": {"tied": key.tied},
+                "optim": {"lr": key.lr},
+            },
+        )
         try:
             config_from_dict(base)
         except ConfigError as err:
@@ -159,7 +184,11 @@ class Grid:
     def tokens(self, run_id: str) -> int:
         cfg = self.run_config(run_id)
         train = cfg.get("train", {})
-        return int(train.get("steps", 100_000)) * int(train.get("batch_size", 64)) * int(cfg.get("model", {}).get("seq_len", 2048))
+        return (
+            int(train.get("steps", 100_000))
+            * int(train.get("batch_size", 64))
+            * int(cfg.get("model", {}).get("seq_len", 2048))
+        )
 
     def gpu_hours(self, run_id: str) -> float:
         """GPU-hours of one run from the scale's throughput (tokens/s per GPU); NaN if unknown."""
@@ -171,10 +200,18 @@ class Grid:
     def members_runs(self, comparison: str) -> list[str]:
         """Run ids of the comparison's members, in grid order."""
         members = self.comparisons[comparison]
-        return [r.id for r in self.runs.values() if any(m.matches(r.key.method, r.key.value, r.key.tied) for m in members)]
+        return [
+            r.id
+            for r in self.runs.values()
+            if any(m.matches(r.key.method, r.key.value, r.key.tied) for m in members)
+        ]
 
     def absent_members(self, comparison: str) -> list[str]:
-        return [m.text for m in self.comparisons[comparison] if not any(m.matches(r.key.method, r.key.value, r.key.tied) for r in self.runs.values())]
+        return [
+            m.text
+            for m in self.comparisons[comparison]
+            if not any(m.matches(r.key.method, r.key.value, r.key.tied) for r in self.runs.values())
+        ]
 
 
 def load(path: str | Path) -> Grid:

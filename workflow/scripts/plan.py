@@ -56,28 +56,54 @@ def plan(grid: Grid, root: Path = Path(".")) -> dict:
     for name in grid.comparisons:
         ids = grid.members_runs(name)
         left = [i for i in ids if states[i] in ("new", "configured", "started")]
-        comparisons[name] = {"runs": len(ids), "to_train": len(left), "gpu_hours": sum(grid.gpu_hours(i) for i in left)}
-    return {"jobs": jobs, "gpu_hours": hours, "finished": finished, "comparisons": comparisons, "runs": len(grid.runs)}
+        comparisons[name] = {
+            "runs": len(ids),
+            "to_train": len(left),
+            "gpu_hours": sum(grid.gpu_hours(i) for i in left),
+        }
+    return {
+        "jobs": jobs,
+        "gpu_hours": hours,
+        "finished": finished,
+        "comparisons": comparisons,
+        "runs": len(grid.runs),
+    }
 
 
 def report(grid: Grid, result: dict) -> str:
     scales = list(grid.scales)
     width = max(14, *(len(s) + 2 for s in scales))
-    lines = [f"experiment {grid.experiment}: {result['runs']} runs, {sum(result['finished'].values())} finished"]
+    lines = [
+        f"experiment {grid.experiment}: {result['runs']} runs, {sum(result['finished'].values())} finished"
+    ]
     lines.append("jobs left".ljust(16) + "".join(s.rjust(width) for s in scales) + "total".rjust(width))
     for rule in RULES:
         counts = result["jobs"][rule]
-        lines.append(rule.ljust(16) + "".join(str(counts[s]).rjust(width) for s in scales) + str(sum(counts.values())).rjust(width))
+        lines.append(
+            rule.ljust(16)
+            + "".join(str(counts[s]).rjust(width) for s in scales)
+            + str(sum(counts.values())).rjust(width)
+        )
     finished = result["finished"]
-    lines.append("finished runs".ljust(16) + "".join(str(finished[s]).rjust(width) for s in scales) + str(sum(finished.values())).rjust(width))
+    lines.append(
+        "finished runs".ljust(16)
+        + "".join(str(finished[s]).rjust(width) for s in scales)
+        + str(sum(finished.values())).rjust(width)
+    )
     hours = result["gpu_hours"]
 
     def h(x):
         return "?" if math.isnan(x) else f"{x:,.1f}"
 
-    lines.append("GPU-hours left".ljust(16) + "".join(h(hours[s]).rjust(width) for s in scales) + h(sum(hours.values())).rjust(width))
+    lines.append(
+        "GPU-hours left".ljust(16)
+        + "".join(h(hours[s]).rjust(width) for s in scales)
+        + h(sum(hours.values())).rjust(width)
+    )
     for name, c in result["comparisons"].items():
-        lines.append(f"comparison {name}: {c['runs']} runs, {c['to_train']} to train, {h(c['gpu_hours'])} GPU-hours")
+        lines.append(
+            f"comparison {name}: {c['runs']} runs, {c['to_train']} to train, {h(c['gpu_hours'])} GPU-hours"
+        )
     return "\n".join(lines)
 
 
