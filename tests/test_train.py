@@ -97,31 +97,8 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path, tiny_dat
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT])
 def test_stop_signal_saves_a_checkpoint_and_the_rerun_completes(tmp_path, tiny_data, sig):
-    run = tmp_path / "run"
-    cfg = write_config(
-        run / "config.yaml", tiny_config(tiny_data, train={"steps": 100_000, "checkpoint_every": 0})
-    )
-    cmd = [sys.executable, "-m", "trainer.train", "--config", str(cfg), "--out", str(run)]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    log = run / "train.jsonl"
-    while not (log.exists() and sum(1 for _ in log.open()) >= 5):
-        assert proc.poll() is None
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + sig
-    assert "checkpoint at step" in out
-    checkpoints = list((run / "checkpoints").glob("step_*.pt"))
-    assert len(checkpoints) == 1
-    stopped_at = torch.load(checkpoints[0], weights_only=False)["step"]
-    assert stopped_at >= 5
-
-
-def test_sigterm_then_rerun_completes(tmp_path, tiny_data):
     run = tmp_path / "run"
     cfg = write_config(
         run / "config.yaml", tiny_config(tiny_data, train={"steps": 400, "checkpoint_every": 0})
@@ -131,15 +108,20 @@ def test_sigterm_then_rerun_completes(tmp_path, tiny_data):
         cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     log = run / "train.jsonl"
-    while not (log.exists() and sum(1 for _ in log.open()) >= 3):
+    while not (log.exists() and sum(1 for _ in log.open()) >= 5):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig
+    assert "checkpoint at step" in out
     assert not (run / "final.pt").exists()
+    checkpoints = list((run / "checkpoints").glob("step_*.pt"))
+    assert len(checkpoints) == 1
+    stopped_at = torch.load(checkpoints[0], weights_only=False)["step"]
+    assert stopped_at >= 5
     result = run_trainer(cfg, run)
-    assert "resumed from" in result.stdout
+    assert f"resumed from {checkpoints[0]} at step {stopped_at}" in result.stdout
     assert json.loads((run / "train.json").read_text())["steps"] == 400
 
 

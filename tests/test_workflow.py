@@ -164,6 +164,9 @@ def test_demo_shape_end_to_end_then_noop_then_exact_reruns(tmp_path):
             for ext in ("pdf", "png"):
                 assert (out / "figures" / comparison / f"{figure}.{ext}").stat().st_size > 0
     assert (out / "runs" / "small-softcap-c30-lr0.01-s1-tied" / "logs" / "train.attempt1.log").exists()
+    run_in(repo, "--report", "report.html", "--configfile", str(configfile))
+    report = (repo / "report.html").read_text(errors="replace")
+    assert "lr_sensitivity" in report and "train_loss" in report
 
     # a second invocation does nothing
     assert "Nothing to be done" in run_in(repo, "-n", "--configfile", str(configfile)).stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -43,3 +44,13 @@ class Experiment:
                 f"comparison {name!r} is not in the experiment file (known: {', '.join(self.comparisons)})"
             )
         return self.comparisons[name]
+
+
+def comparison_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments every per-comparison analysis step takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", required=True, help="runs.csv")
+    parser.add_argument("--experiment", required=True, help="experiment file (scales, comparisons)")
+    parser.add_argument("--comparison", required=True)
+    parser.add_argument("--out-dir", required=True)
+    return parser

@@ -13,7 +13,6 @@ train_loss (training curves per scale at each member's best lr, from train.jsonl
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -38,7 +37,7 @@ from workflow.scripts.analysis import (  # noqa: E402
     scales_of,
     select,
 )
-from workflow.scripts.experiment import Experiment  # noqa: E402
+from workflow.scripts.experiment import Experiment, comparison_arguments  # noqa: E402
 from workflow.scripts.runids import Member  # noqa: E402
 from workflow.scripts.runscsv import read_runs  # noqa: E402
 
@@ -246,11 +245,7 @@ def save(fig, out_dir: Path, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", required=True, help="runs.csv")
-    parser.add_argument("--experiment", required=True)
-    parser.add_argument("--comparison", required=True)
-    parser.add_argument("--out-dir", required=True)
+    parser = comparison_arguments(__doc__.splitlines()[0])
     parser.add_argument(
         "--only", nargs="*", choices=FIGURES, help="draw only these (an absent one is an error)"
     )

@@ -10,7 +10,6 @@ With several seeds the cells are mean +- std (the .csv holds the mean; <table>.s
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from workflow.scripts.analysis import TABLES, MissingMembers, compute_tables
-from workflow.scripts.experiment import Experiment
+from workflow.scripts.experiment import Experiment, comparison_arguments
 from workflow.scripts.runscsv import read_runs
 
 
@@ -86,11 +85,7 @@ def write_table(out_dir: Path, table: str, mean: pd.DataFrame, std: pd.DataFrame
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", required=True, help="runs.csv")
-    parser.add_argument("--experiment", required=True)
-    parser.add_argument("--comparison", required=True)
-    parser.add_argument("--out-dir", required=True)
+    parser = comparison_arguments(__doc__.splitlines()[0])
     parser.add_argument("--only", choices=TABLES, nargs="*", help="write only these tables")
     args = parser.parse_args(argv)
     experiment = Experiment.load(args.experiment)
