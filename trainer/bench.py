@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from trainer.config import RunConfig, config_from_dict, load_config
-from trainer.distributed import setup, teardown
+from trainer.distributed import process_group
 from trainer.shards import write_shard
 
 # The paper's five scales: layers and width (PROTOCOL.md "Model"); heads are 4 throughout.
@@ -59,8 +59,7 @@ def model_flops_per_token(run) -> float:
 def bench(cfg: RunConfig, steps: int, warmup: int, out: Path) -> dict:
     from trainer.train import Run  # imported late: bench --help needs no trainer setup
 
-    d = setup()
-    try:
+    with process_group() as d:
         run = Run(cfg, out, d)
         tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
         sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
@@ -91,8 +90,6 @@ def bench(cfg: RunConfig, steps: int, warmup: int, out: Path) -> dict:
             "world_size": d.world_size,
             "is_main": d.is_main,
         }
-    finally:
-        teardown(d)
 
 
 def main(argv: list[str] | None = None) -> None:

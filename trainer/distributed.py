@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -72,3 +74,15 @@ def setup() -> Dist:
 def teardown(d: Dist) -> None:
     if d.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group() -> Iterator[Dist]:
+    """setup() ... teardown(); on a normal exit the ranks first wait for each other, since a rank
+    that tears down early can abort its peers."""
+    d = setup()
+    try:
+        yield d
+        d.barrier()
+    finally:
+        teardown(d)

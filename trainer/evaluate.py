@@ -20,7 +20,7 @@ import torch
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig, load_config
-from trainer.distributed import Dist, setup, teardown
+from trainer.distributed import Dist, process_group
 from trainer.methods import build_method
 from trainer.metrics import GEOMETRY, HIDDEN, LOGIT_STATS, LogitStatistics, embedding_geometry
 from trainer.model import GPT
@@ -71,8 +71,7 @@ def evaluate(run_dir: Path, step: int | None = None) -> dict:
         nan_metrics = dict.fromkeys(METRICS, math.nan)
         main_rank = int(os.environ.get("RANK", "0")) == 0
         return {**provenance, **nan_metrics, "tokens_evaluated": 0, "wall_s": 0.0, "is_main": main_rank}
-    d = setup()
-    try:
+    with process_group() as d:
         model = GPT(cfg.model, build_method(cfg.method)).to(d.device)
         model.load_state_dict(weights)
         model.eval()
@@ -99,10 +98,7 @@ def evaluate(run_dir: Path, step: int | None = None) -> dict:
                 "is_main": d.is_main,
             }
         )
-        d.barrier()  # leave together: a rank that tears down early can abort its peers
         return result
-    finally:
-        teardown(d)
 
 
 def main(argv: list[str] | None = None) -> int:

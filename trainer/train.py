@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig, load_config, micro_batch_size
-from trainer.distributed import Dist, setup, teardown
+from trainer.distributed import Dist, process_group
 from trainer.methods import build_method
 from trainer.model import GPT
 from trainer.optim import build_optimizer, learning_rate, set_learning_rate
@@ -382,13 +382,8 @@ def train(cfg: RunConfig, out: Path, restart_on_change: bool = False) -> int:
     if status in FINISHED and (out / "final.pt").exists():
         print(f"{cfg.run}: already {status}, nothing to do", flush=True)
         return 0
-    d = setup()
-    try:
-        code = Run(cfg, out, d, restart_on_change).fit()
-        d.barrier()  # leave together: a rank that tears down early can abort its peers
-        return code
-    finally:
-        teardown(d)
+    with process_group() as d:
+        return Run(cfg, out, d, restart_on_change).fit()
 
 
 def main(argv: list[str] | None = None) -> int:

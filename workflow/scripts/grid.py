@@ -89,9 +89,7 @@ class Grid:
                 self.comparisons[name] = [parse_member(m) for m in members]
             except ValueError as err:
                 raise ExperimentError(f"comparisons.{name}: {err}") from None
-        for run in list(self.runs.values())[:1]:
-            self.run_config(run.id)  # the protocol is checked once, before any job
-        self._check_protocol_everywhere()
+        self._check_protocol_everywhere()  # before any job
 
     def _expand(self, i: int, grid: dict) -> None:
         where = f"grids[{i}]"
