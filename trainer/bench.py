@@ -56,7 +56,27 @@ def model_flops_per_token(run) -> float:
     return 6 * n_eff + 12 * cfg.n_layer * cfg.n_embd * cfg.seq_len
 
 
-def bench(cfg: RunConfig, steps: int, warmup: int, out: Path) -> dict:
+def print_profile(run, cfg: RunConfig, steps: int, rows: int = 25) -> None:
+    """The GPU kernels of `steps` more steps, by total time per step (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run.train_step(cfg.optim.lr)
+            run.step += 1
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    print(f"profile of {steps} steps: {total / 1000 / steps:.1f} ms of kernels per step")
+    for e in events[:rows]:
+        share = 100 * e.device_time_total / total
+        print(
+            f"  {e.device_time_total / 1000 / steps:8.2f} ms {share:5.1f}% x{e.count // steps:<4d} {e.key[:110]}"
+        )
+
+
+def bench(cfg: RunConfig, steps: int, warmup: int, out: Path, profile_steps: int = 0) -> dict:
     from trainer.train import Run  # imported late: bench --help needs no trainer setup
 
     with process_group() as d:
@@ -78,6 +98,8 @@ def bench(cfg: RunConfig, steps: int, warmup: int, out: Path) -> dict:
         elapsed = time.perf_counter() - t0
         tokens_per_s = steps * tokens_per_step / elapsed  # the global batch, over all ranks
         peak = torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else float("nan")
+        if profile_steps and d.device.type == "cuda" and d.is_main:
+            print_profile(run, cfg, profile_steps)
         return {
             "run": cfg.run,
             "micro_batch": run.micro,
@@ -102,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
     parser.add_argument("--micro-batch", type=int, help="sequences per forward pass (default: auto)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="then list the GPU kernels of N steps"
+    )
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.scale):
         parser.error("give exactly one of --config and --scale")
@@ -117,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg.train.compile = cfg.train.compile or args.compile
             if args.micro_batch:
                 cfg.train.micro_batch = args.micro_batch
-            r = bench(cfg, args.steps, args.warmup, tmp / cfg.run)
+            r = bench(cfg, args.steps, args.warmup, tmp / cfg.run, args.profile)
             if r["is_main"]:
                 print(
                     f"{r['run']} | {r['micro_batch']} | {r['warmup_s']:.1f} | {r['step_ms']:.1f} | "

@@ -1,8 +1,9 @@
 """The mitigation methods of the paper, each a few lines.
 
 A method is up to three hooks on the output layer:
-  transform_logits(logits)    -> the model's output logits (softcap)
-  loss_term(logits, E)        -> an extra term that only enters the backward pass (zloss, muloss)
+  transform_logits(logits)    -> the model's output logits (softcap: set `cap`)
+  loss_term(lse, E)           -> an extra term that only enters the backward pass (zloss, muloss);
+                                 lse is the logsumexp of each position's output logits
   after_step(E)               -> an in-place change after each optimizer step (mucentering)
 The logged and evaluated loss is always the plain cross-entropy of the output logits.
 A new method is a subclass registered in METHODS.
@@ -11,17 +12,19 @@ A new method is a subclass registered in METHODS.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from trainer.cross_entropy import lse_and_target, softcap
 
 
 class Method:
     name = "baseline"
     param: str | None = None  # the hyper-parameter key of the run config (method.<param>)
+    cap: float | None = None  # logits <- cap * tanh(logits / cap), applied inside the loss kernels
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
+        return softcap(logits, self.cap)
 
-    def loss_term(self, logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor | None:
+    def loss_term(self, lse: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor | None:
         return None
 
     @torch.no_grad()
@@ -29,10 +32,16 @@ class Method:
         pass
 
     def loss(self, raw_logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor):
-        """(cross-entropy to log, loss to minimise); logits in fp32 for a stable softmax."""
-        logits = self.transform_logits(raw_logits.float())
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        term = self.loss_term(logits, embedding)
+        """(cross-entropy to log, loss to minimise), from each position's logsumexp and target logit
+        (fp32, computed by trainer.cross_entropy without storing a copy of the logits)."""
+        if type(self).transform_logits is Method.transform_logits:
+            lse, target_logit = lse_and_target(raw_logits, targets, self.cap)
+        else:  # a transform of its own, which the kernels do not know: plain PyTorch
+            logits = self.transform_logits(raw_logits.float())
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ce = (lse - target_logit).mean()
+        term = self.loss_term(lse, embedding)
         return ce, ce if term is None else ce + term
 
 
@@ -45,8 +54,8 @@ class ZLoss(Method):
     def __init__(self, lam: float):
         self.lam = lam
 
-    def loss_term(self, logits, embedding):
-        return self.lam * torch.logsumexp(logits, dim=-1).square().mean()
+    def loss_term(self, lse, embedding):
+        return self.lam * lse.square().mean()
 
 
 class MuLoss(Method):
@@ -58,7 +67,7 @@ class MuLoss(Method):
     def __init__(self, lam: float):
         self.lam = lam
 
-    def loss_term(self, logits, embedding):
+    def loss_term(self, lse, embedding):
         return self.lam * embedding.float().mean(dim=0).square().sum()
 
 
@@ -80,9 +89,6 @@ class SoftCap(Method):
 
     def __init__(self, cap: float):
         self.cap = cap
-
-    def transform_logits(self, logits):
-        return self.cap * torch.tanh(logits / self.cap)
 
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, ZLoss, MuLoss, MuCentering, SoftCap)}

@@ -1,0 +1,38 @@
+"""The fast training path (compile, large micro-batch, loss kernels) against the plain one, and
+the memory rule behind micro_batch "auto"."""
+
+import pytest
+import torch
+
+from trainer import parity
+from trainer.bench import paper_config
+from trainer.config import micro_batch_size
+from trainer.model import GPT
+from trainer.train import micro_tokens_for_memory
+
+H200, H100 = 143_771 * 2**20, 81_559 * 2**20  # bytes, as nvidia-smi reports them
+
+
+@pytest.mark.parametrize("method", ["baseline", "softcap"])
+def test_fast_path_mean_loss_of_steps_181_200_is_within_0_01_of_plain(tmp_path, method):
+    parity.bigram_stream(tmp_path, vocab=512)
+    plain, fast = parity.compare(parity.tiny_config(str(tmp_path), method), 200, tmp_path / "runs")
+    assert plain < 2.5  # the stream was learned (ln 512 = 6.24 at the start, ln 4 = 1.39 at best)
+    assert abs(plain - fast) <= 0.01
+
+
+def test_parity_cli_reports_and_passes(tmp_path, capsys):
+    assert parity.main(["--method", "zloss", "--steps", "40"]) == 0
+    assert "mean loss over steps 21-40" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("scale", "memory", "expected"),
+    [("16M", H200, 64), ("221M", H200, 32), ("16M", H100, 64), ("221M", H100, 16)],
+)
+def test_auto_micro_batch_follows_gpu_memory(scale, memory, expected):
+    # 16M x 64 used 35.2 GB and 221M x 32 used 67.1 GB on an H200: both fit, 221M x 64 would not
+    cfg = paper_config(scale, "baseline", "unused")
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in GPT(cfg.model).parameters())
+    assert micro_batch_size(cfg, 1, micro_tokens_for_memory(cfg, memory, n_params)) == expected
