@@ -90,7 +90,10 @@ def run_module(module: str, *args: str, nproc: int = 1, check: bool = True):
             f"--nproc_per_node={nproc}",
         ]
         cmd = [*launcher, "-m", module, *args]
-    result = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True)
+    env = child_env()
+    if nproc > 1:  # several processes on gloo: on a machine with fewer GPUs than ranks, use none
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

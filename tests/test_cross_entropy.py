@@ -72,18 +72,20 @@ from trainer import cross_entropy as ce
 device = sys.argv[1]
 g = torch.Generator().manual_seed(0)
 for cap in (None, 2.0):
+    # tanh.approx on CUDA: relative error below 2^-10.9 (bf16 logits carry 2^-8)
+    tol = 1e-3 if cap and device == "cuda" else 1e-6
     raw = (3 * torch.randn(9, 5000, generator=g)).to(device)  # 5000: not a multiple of the block
     raw[3] *= 1e3
     t = torch.randint(0, 5000, (9,), generator=g).to(device)
     lse, target = ce.triton_forward(raw, t, cap)
     ref_lse, ref_target = ce.lse_and_target_reference(raw.double(), t, cap)
-    assert torch.allclose(lse.double(), ref_lse, rtol=1e-6), (cap, lse, ref_lse)
-    assert torch.allclose(target.double(), ref_target, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(lse.double(), ref_lse, rtol=tol), (cap, lse, ref_lse)
+    assert torch.allclose(target.double(), ref_target, rtol=tol, atol=tol), (cap, target, ref_target)
     g_lse, g_target = torch.randn(9, generator=g).to(device), torch.randn(9, generator=g).to(device)
     grad = ce.triton_backward(raw, t, lse, g_lse, g_target, cap)
     ref = ce.lse_and_target_grad_reference(raw.double(), t, ref_lse, g_lse.double(), g_target.double(), cap)
     error = (grad.double() - ref).norm() / ref.norm()
-    assert error < 1e-6, (cap, error)
+    assert error < tol, (cap, error)
 print("kernels ok")
 """
 
