@@ -73,12 +73,15 @@ def child_env() -> dict:
     return env
 
 
-def run_trainer(config: Path, out: Path, *, nproc: int = 1, check: bool = True):
-    return run_module("trainer.train", "--config", str(config), "--out", str(out), nproc=nproc, check=check)
+def run_trainer(config: Path, out: Path, *, nproc: int = 1, check: bool = True, cpu: bool = False):
+    args = ("--config", str(config), "--out", str(out))
+    return run_module("trainer.train", *args, nproc=nproc, check=check, cpu=cpu)
 
 
-def run_module(module: str, *args: str, nproc: int = 1, check: bool = True):
-    """`python -m module args` (or under torchrun with nproc processes) from the repo root."""
+def run_module(module: str, *args: str, nproc: int = 1, check: bool = True, cpu: bool = False):
+    """`python -m module args` (or under torchrun with nproc processes) from the repo root.
+
+    cpu=True hides any GPU, so that a run compares exactly with a multi-process (gloo) one."""
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *args]
     else:
@@ -91,7 +94,7 @@ def run_module(module: str, *args: str, nproc: int = 1, check: bool = True):
         ]
         cmd = [*launcher, "-m", module, *args]
     env = child_env()
-    if nproc > 1:  # several processes on gloo: on a machine with fewer GPUs than ranks, use none
+    if cpu or nproc > 1:  # several processes run on gloo, on the CPU, whatever GPUs there are
         env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:

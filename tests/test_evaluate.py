@@ -16,9 +16,9 @@ from trainer.model import GPT
 from trainer.shards import ValidationSet, find_shards
 
 
-def evaluate(run, *extra, nproc=1, check=True):
+def evaluate(run, *extra, nproc=1, check=True, cpu=False):
     flag = "--run" if nproc == 1 else "--run-dir"  # torchrun's parser would take --run for --run-path
-    return run_module("trainer.evaluate", flag, str(run), *extra, nproc=nproc, check=check)
+    return run_module("trainer.evaluate", flag, str(run), *extra, nproc=nproc, check=check, cpu=cpu)
 
 
 def copy_run(run, tmp_path):
@@ -69,7 +69,7 @@ def test_mucentering_run_has_zero_mu_and_zero_mean_logit(trained_runs, tmp_path)
 def test_two_gloo_processes_equal_one(trained_runs, tmp_path):
     one = copy_run(trained_runs["baseline"], tmp_path / "one")
     two = copy_run(trained_runs["baseline"], tmp_path / "two")
-    evaluate(one)
+    evaluate(one, cpu=True)
     evaluate(two, nproc=2)
     a = json.loads((one / "eval.json").read_text())
     b = json.loads((two / "eval.json").read_text())

@@ -207,7 +207,7 @@ def test_diverged_run_from_the_cli_exits_zero_without_traceback(tmp_path, tiny_d
 def test_two_gloo_processes_match_one_process(tmp_path, tiny_data):
     overrides = {"train": {"steps": 10, "batch_size": 8, "log_every": 1, "checkpoint_every": 5}}
     one, two = tmp_path / "one", tmp_path / "two"
-    run_trainer(write_config(one / "config.yaml", tiny_config(tiny_data, **overrides)), one)
+    run_trainer(write_config(one / "config.yaml", tiny_config(tiny_data, **overrides)), one, cpu=True)
     result = run_trainer(write_config(two / "config.yaml", tiny_config(tiny_data, **overrides)), two, nproc=2)
     assert "world 2" in result.stdout
     a, b = read_rows(one / "train.jsonl"), read_rows(two / "train.jsonl")
