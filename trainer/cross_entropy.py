@@ -162,9 +162,8 @@ def _lse_and_target_op(
 
 @_lse_and_target_op.register_fake
 def _(raw, targets, cap):
-    return raw.new_empty(targets.shape, dtype=torch.float32), raw.new_empty(
-        targets.shape, dtype=torch.float32
-    )
+    lse = raw.new_empty(targets.shape, dtype=torch.float32)
+    return lse, torch.empty_like(lse)
 
 
 @torch.library.custom_op("trainer::lse_and_target_backward", mutates_args=())
