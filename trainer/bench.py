@@ -56,15 +56,24 @@ def model_flops_per_token(run) -> float:
     return 6 * n_eff + 12 * cfg.n_layer * cfg.n_embd * cfg.seq_len
 
 
-def print_profile(run, cfg: RunConfig, steps: int, rows: int = 25) -> None:
+def train_steps(run, cfg: RunConfig, steps: int):
+    """`steps` optimizer steps at the peak lr; the last step's loss (a device tensor)."""
+    loss = None
+    for _ in range(steps):
+        loss, _ = run.train_step(cfg.optim.lr)
+        run.step += 1
+    return loss
+
+
+def print_profile(run, cfg: RunConfig, steps: int, show: bool = True, rows: int = 25) -> None:
     """The GPU kernels of `steps` more steps, by total time per step (where the time goes)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            run.train_step(cfg.optim.lr)
-            run.step += 1
+        train_steps(run, cfg, steps)
         torch.cuda.synchronize()
+    if not show:
+        return
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events)
@@ -86,20 +95,16 @@ def bench(cfg: RunConfig, steps: int, warmup: int, out: Path, profile_steps: int
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
         t_compile = time.perf_counter()
-        for _ in range(warmup):
-            run.train_step(cfg.optim.lr)
-            run.step += 1
+        train_steps(run, cfg, warmup)
         sync()
         t0 = time.perf_counter()
-        for _ in range(steps):
-            loss, _ = run.train_step(cfg.optim.lr)
-            run.step += 1
+        loss = train_steps(run, cfg, steps)
         sync()
         elapsed = time.perf_counter() - t0
         tokens_per_s = steps * tokens_per_step / elapsed  # the global batch, over all ranks
         peak = torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else float("nan")
-        if profile_steps and d.device.type == "cuda" and d.is_main:
-            print_profile(run, cfg, profile_steps)
+        if profile_steps and d.device.type == "cuda":  # every rank trains (DDP), the first prints
+            print_profile(run, cfg, profile_steps, show=d.is_main)
         return {
             "run": cfg.run,
             "micro_batch": run.micro,

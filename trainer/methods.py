@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.cross_entropy import lse_and_target, softcap
+from trainer.cross_entropy import lse_and_target, lse_and_target_reference, softcap
 
 
 class Method:
@@ -38,8 +38,7 @@ class Method:
             lse, target_logit = lse_and_target(raw_logits, targets, self.cap)
         else:  # a transform of its own, which the kernels do not know: plain PyTorch
             logits = self.transform_logits(raw_logits.float())
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            lse, target_logit = lse_and_target_reference(logits, targets, cap=None)
         ce = (lse - target_logit).mean()
         term = self.loss_term(lse, embedding)
         return ce, ce if term is None else ce + term

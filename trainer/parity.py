@@ -63,15 +63,18 @@ def train_losses(cfg: RunConfig, steps: int, out: Path) -> list[float]:
         return losses
 
 
+def variant(cfg: RunConfig, steps: int, **train) -> RunConfig:
+    """cfg for a `steps`-step run (warmup a tenth of it) with these train keys changed."""
+    values = cfg.to_dict()
+    values["train"].update(train, steps=steps)
+    values["optim"]["warmup"] = steps // 10
+    return config_from_dict(values)
+
+
 def compare(cfg: RunConfig, steps: int, tmp: Path) -> tuple[float, float]:
     """(plain, fast) mean loss over the last 20 steps."""
-    cfg.train.steps, cfg.optim.warmup = steps, steps // 10
-    plain_cfg = config_from_dict(
-        {**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "compile": False, "micro_batch": 16}}
-    )
-    fast_cfg = config_from_dict(
-        {**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "compile": True, "micro_batch": "auto"}}
-    )
+    plain_cfg = variant(cfg, steps, compile=False, micro_batch=16)
+    fast_cfg = variant(cfg, steps, compile=True, micro_batch="auto")
     with plain_pytorch():
         plain = train_losses(plain_cfg, steps, tmp / "plain")
     fast = train_losses(fast_cfg, steps, tmp / "fast")
