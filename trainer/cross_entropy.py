@@ -1,17 +1,21 @@
-"""logsumexp and target logit of each row of the output logits, in one read of the logits.
+"""The output layer and its loss inputs: logsumexp and target logit of each position's logits.
 
-    lse, target = lse_and_target(raw_logits, targets, cap)
+    lse, target = output_lse_and_target(h, E, targets, cap)      # logits = h E^T
     cross-entropy = mean(lse - target);  z-loss = lambda * mean(lse^2)
 
 Every method's loss is built from these two per-row numbers. With `cap` the logits are first
-soft-capped, x = cap * tanh(raw / cap), inside the same pass. On CUDA two Triton kernels do the
-work: the forward reads the bf16 logits once (online logsumexp) and writes two floats per row;
-the backward reads them once more and writes d raw, which is
+soft-capped, x = cap * tanh(raw / cap). The gradient with respect to the raw logits is
 
-    d raw_j = (g_lse * softmax_j + g_target * [j == target]) * dx/draw   (1 - (x_j/cap)^2 with cap)
+    d raw_j = (g_lse * p_j + g_target * [j == t]) * s_j,   p = softmax(x),  s_j = dx_j / draw_j
+            = g_lse * q_j + (g_lse + g_target) * s_t * [j == t],   q_j = (p_j - [j == t]) * s_j
 
-so no fp32 copy, log-softmax or one-hot matrix of the (tokens x 50304) logits is ever stored.
-Elsewhere (CPU) the same function runs as plain PyTorch; tests pin both to F.cross_entropy.
+and q does not depend on the incoming gradients (g_lse, g_target). So the forward pass turns the
+(tokens x 50304) logits into q in place, in one kernel, and the backward pass needs no pass over
+them of its own: d h = g_lse * (q E) + (g_lse + g_target) s_t E_t and d E = q^T (g_lse * h) + the
+same target term. (The second term vanishes for plain cross-entropy, g_target = -g_lse, so for
+every method but z-loss q alone carries the gradient, the target's p_t - 1 computed in fp32.)
+On CUDA a Triton kernel reads each row of logits once from memory (a second read hits the cache)
+and writes q over it; elsewhere the op is plain PyTorch. Tests pin both to F.cross_entropy.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 try:  # Triton ships with PyTorch's CUDA wheels; without it the CUDA path is plain PyTorch too
     import triton
@@ -26,10 +31,9 @@ try:  # Triton ships with PyTorch's CUDA wheels; without it the CUDA path is pla
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-# Logits per loop iteration of one row, and warps per row: the fastest of 7 settings on an H200
-# (forward 0.89 ms = 3.7 TB/s, backward 1.65 ms = 4.0 TB/s for 32768 x 50304 bf16 logits).
-FORWARD_BLOCK, FORWARD_WARPS = 4096, 4
-BACKWARD_BLOCK, BACKWARD_WARPS = 4096, 8
+# Logits per loop iteration, warps per row, and programs per SM (each walks over rows, so that
+# a row is still in the L2 cache when it is read the second time).
+BLOCK, WARPS, PROGRAMS_PER_SM = 4096, 8, 2
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -46,13 +50,15 @@ def lse_and_target_reference(raw: torch.Tensor, targets: torch.Tensor, cap: floa
     return torch.logsumexp(x, dim=-1), x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def lse_and_target_grad_reference(raw, targets, lse, grad_lse, grad_target, cap):
+def softmax_grad_reference(raw: torch.Tensor, targets: torch.Tensor, cap: float | None):
+    """(lse, target logit, q) of raw logits (rows x vocab), q = (softmax - onehot) * dx/draw."""
     x = softcap(_at_least_fp32(raw), cap)
-    grad = grad_lse.unsqueeze(-1) * torch.exp(x - lse.unsqueeze(-1))
-    grad.scatter_add_(-1, targets.unsqueeze(-1), grad_target.unsqueeze(-1))
+    lse = torch.logsumexp(x, dim=-1)
+    q = torch.exp(x - lse.unsqueeze(-1))
+    q.scatter_add_(-1, targets.unsqueeze(-1), -torch.ones_like(lse).unsqueeze(-1))
     if cap is not None:
-        grad = grad * (1 - (x / cap).square())
-    return grad.to(raw.dtype)
+        q = q * (1 - (x / cap).square())
+    return lse, x.gather(-1, targets.unsqueeze(-1)).squeeze(-1), q.to(raw.dtype)
 
 
 if triton is not None:
@@ -69,137 +75,101 @@ if triton is not None:
         return raw
 
     @triton.jit
-    def _forward_kernel(
-        logits, targets, lse_out, target_out, n_cols, row_stride, cap,
+    def _softmax_grad_kernel(
+        logits, targets, lse_out, target_out, n_rows, n_cols, row_stride, cap,
         HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        start = logits + row * row_stride
-        # Online logsumexp: running max m and sum s of exp(x - m), one exp per logit.
-        m = -1e30
-        s = 0.0
-        for offset in range(0, n_cols, BLOCK):
-            cols = offset + tl.arange(0, BLOCK)
-            inside = cols < n_cols
-            x = tl.load(start + cols, mask=inside, other=0.0).to(tl.float32)
-            x = tl.where(inside, _capped(x, cap, HAS_CAP, FAST_TANH), float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-        target = tl.load(targets + row)
-        target_x = _capped(tl.load(start + target).to(tl.float32), cap, HAS_CAP, FAST_TANH)
-        tl.store(lse_out + row, m + tl.log(s))
-        tl.store(target_out + row, target_x)
-
-    @triton.jit
-    def _backward_kernel(
-        logits, targets, lse_in, grad_lse, grad_target, grad_out, n_cols, row_stride, cap,
-        HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        start = logits + row * row_stride
-        out = grad_out + row * n_cols
-        lse = tl.load(lse_in + row)
-        g_lse = tl.load(grad_lse + row)
-        g_target = tl.load(grad_target + row)
-        target = tl.load(targets + row)
-        for offset in range(0, n_cols, BLOCK):
-            cols = offset + tl.arange(0, BLOCK)
-            inside = cols < n_cols
-            x = _capped(tl.load(start + cols, mask=inside, other=0.0).to(tl.float32), cap, HAS_CAP, FAST_TANH)
-            grad = g_lse * tl.exp(x - lse) + tl.where(cols == target, g_target, 0.0)
-            if HAS_CAP:
-                t = x * (1.0 / cap)
-                grad = grad * (1.0 - t * t)
-            tl.store(out + cols, grad.to(grad_out.dtype.element_ty), mask=inside)
+        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            start = logits + tl.cast(row, tl.int64) * row_stride
+            target = tl.load(targets + row)
+            target_x = _capped(tl.load(start + target).to(tl.float32), cap, HAS_CAP, FAST_TANH)
+            # Online logsumexp: running max m and sum s of exp(x - m), one exp per logit.
+            m = -1e30
+            s = 0.0
+            for offset in range(0, n_cols, BLOCK):
+                cols = offset + tl.arange(0, BLOCK)
+                inside = cols < n_cols
+                x = tl.load(start + cols, mask=inside, other=0.0, eviction_policy="evict_last")
+                x = tl.where(inside, _capped(x.to(tl.float32), cap, HAS_CAP, FAST_TANH), float("-inf"))
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(s)
+            # Second read of the row (from L2): q = (softmax - onehot) * dx/draw, written over it.
+            for offset in range(0, n_cols, BLOCK):
+                cols = offset + tl.arange(0, BLOCK)
+                inside = cols < n_cols
+                x = _capped(tl.load(start + cols, mask=inside, other=0.0).to(tl.float32), cap, HAS_CAP, FAST_TANH)
+                q = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+                if HAS_CAP:
+                    t = x * (1.0 / cap)
+                    q = q * (1.0 - t * t)
+                tl.store(start + cols, q.to(logits.dtype.element_ty), mask=inside)
+            tl.store(lse_out + row, lse)
+            tl.store(target_out + row, target_x)
 
 
-def _use_triton(raw: torch.Tensor) -> bool:
-    return triton is not None and raw.is_cuda
-
-
-def _rows(raw: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views as (rows, vocab) and (rows,), the vocabulary dimension contiguous."""
-    raw2 = raw.reshape(-1, raw.shape[-1])
-    if raw2.stride(-1) != 1:
-        raw2 = raw2.contiguous()
-    return raw2, targets.reshape(-1).contiguous()
-
-
-def triton_forward(raw: torch.Tensor, targets: torch.Tensor, cap: float | None):
-    """The forward kernel (any device Triton runs on, its CPU interpreter included)."""
-    raw2, flat = _rows(raw, targets)
-    lse = torch.empty(raw2.shape[0], dtype=torch.float32, device=raw.device)
+def triton_softmax_grad(logits: torch.Tensor, targets: torch.Tensor, cap: float | None):
+    """The kernel (any device Triton runs on, its CPU interpreter included): returns (lse, target
+    logit) and overwrites `logits` (rows x vocab, rows contiguous) with q."""
+    assert logits.dim() == 2 and logits.stride(-1) == 1, "logits: (rows, vocab) with contiguous rows"
+    rows = logits.shape[0]
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
     target = torch.empty_like(lse)
-    _forward_kernel[(raw2.shape[0],)](
-        raw2, flat, lse, target, raw2.shape[1], raw2.stride(0), cap or 0.0,
-        HAS_CAP=cap is not None, FAST_TANH=raw.is_cuda, BLOCK=FORWARD_BLOCK, num_warps=FORWARD_WARPS,
+    sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 4
+    _softmax_grad_kernel[(min(rows, PROGRAMS_PER_SM * sms),)](
+        logits, targets, lse, target, rows, logits.shape[1], logits.stride(0), cap or 0.0,
+        HAS_CAP=cap is not None, FAST_TANH=logits.is_cuda, BLOCK=BLOCK, num_warps=WARPS,
     )  # fmt: skip
-    return lse.view(targets.shape), target.view(targets.shape)
+    return lse, target
 
 
-def triton_backward(raw, targets, lse, grad_lse, grad_target, cap: float | None) -> torch.Tensor:
-    raw2, flat = _rows(raw, targets)
-    grad = torch.empty(raw2.shape, dtype=raw.dtype, device=raw.device)
-    _backward_kernel[(raw2.shape[0],)](
-        raw2, flat, lse.reshape(-1).contiguous(), grad_lse.reshape(-1).contiguous(),
-        grad_target.reshape(-1).contiguous(), grad, raw2.shape[1], raw2.stride(0), cap or 0.0,
-        HAS_CAP=cap is not None, FAST_TANH=raw.is_cuda, BLOCK=BACKWARD_BLOCK, num_warps=BACKWARD_WARPS,
-    )  # fmt: skip
-    return grad.view(raw.shape)
+def _use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda
 
 
-@torch.library.custom_op("trainer::lse_and_target", mutates_args=())
-def _lse_and_target_op(
-    raw: torch.Tensor, targets: torch.Tensor, cap: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cap <= 0 means no cap (a custom op takes no Optional float in every torch version)."""
+@torch.library.custom_op("trainer::output_lse_and_target", mutates_args=())
+def _output_op(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h (rows x H), weight (V x H), targets (rows,) -> lse, target logit, q (rows x V).
+    cap <= 0 means no cap (a custom op takes no Optional float in every torch version)."""
     cap_or_none = cap if cap > 0 else None
-    if not _use_triton(raw):
-        return lse_and_target_reference(raw, targets, cap_or_none)
-    return triton_forward(raw, targets, cap_or_none)
+    logits = h @ weight.t()
+    if not _use_triton(logits):
+        return softmax_grad_reference(logits, targets, cap_or_none)
+    lse, target = triton_softmax_grad(logits, targets, cap_or_none)
+    return lse, target, logits
 
 
-@_lse_and_target_op.register_fake
-def _(raw, targets, cap):
-    lse = raw.new_empty(targets.shape, dtype=torch.float32)
-    return lse, torch.empty_like(lse)
-
-
-@torch.library.custom_op("trainer::lse_and_target_backward", mutates_args=())
-def _lse_and_target_backward_op(
-    raw: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    grad_lse: torch.Tensor,
-    grad_target: torch.Tensor,
-    cap: float,
-) -> torch.Tensor:
-    cap_or_none = cap if cap > 0 else None
-    if not _use_triton(raw):
-        return lse_and_target_grad_reference(raw, targets, lse, grad_lse, grad_target, cap_or_none)
-    return triton_backward(raw, targets, lse, grad_lse, grad_target, cap_or_none)
-
-
-@_lse_and_target_backward_op.register_fake
-def _(raw, targets, lse, grad_lse, grad_target, cap):
-    return torch.empty_like(raw)
+@_output_op.register_fake
+def _(h, weight, targets, cap):
+    lse = h.new_empty(targets.shape, dtype=torch.float32)
+    return lse, torch.empty_like(lse), h.new_empty(h.shape[0], weight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
-    raw, targets, cap = inputs
-    ctx.save_for_backward(raw, targets, output[0])
+    h, weight, targets, cap = inputs
+    lse, target, q = output
+    ctx.save_for_backward(h, weight, targets, target, q)
+    ctx.mark_non_differentiable(q)
     ctx.cap = cap
 
 
-def _backward(ctx, grad_lse, grad_target):
-    raw, targets, lse = ctx.saved_tensors
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-    grad_target = torch.zeros_like(lse) if grad_target is None else grad_target
-    return _lse_and_target_backward_op(raw, targets, lse, grad_lse, grad_target, ctx.cap), None, None
+def _backward(ctx, grad_lse, grad_target, _grad_q):
+    h, weight, targets, target, q = ctx.saved_tensors
+    grad_lse = torch.zeros_like(target) if grad_lse is None else grad_lse
+    grad_target = torch.zeros_like(target) if grad_target is None else grad_target
+    slope = 1 - (target / ctx.cap).square() if ctx.cap > 0 else 1.0  # dx/draw at the target
+    at_target = ((grad_lse + grad_target) * slope).unsqueeze(-1)  # zero for plain cross-entropy
+    g = grad_lse.unsqueeze(-1)
+    grad_h = (q @ weight).float() * g + at_target * weight[targets].float()
+    grad_weight = (q.t() @ (h.float() * g).to(q.dtype)).float()
+    grad_weight = grad_weight.index_add(0, targets, at_target * h.float())
+    return grad_h.to(h.dtype), grad_weight.to(weight.dtype), None, None
 
 
-_lse_and_target_op.register_autograd(_backward, setup_context=_setup_context)
+_output_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 _plain = False
@@ -207,7 +177,8 @@ _plain = False
 
 @contextmanager
 def plain_pytorch():
-    """Within: lse_and_target is the textbook definition under autograd (trainer.parity's plain path)."""
+    """Within: the logits and the loss inputs are the textbook definition under autograd
+    (trainer.parity's plain path)."""
     global _plain
     before, _plain = _plain, True
     try:
@@ -216,10 +187,23 @@ def plain_pytorch():
         _plain = before
 
 
-def lse_and_target(raw: torch.Tensor, targets: torch.Tensor, cap: float | None = None):
-    """(logsumexp of the (capped) logits, the target's (capped) logit), fp32, one per position."""
+def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """What F.linear would compute in: the autocast dtype where autocast is on."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+def output_lse_and_target(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float | None = None):
+    """(logsumexp of the (capped) logits h weight^T, the target's (capped) logit), fp32, one per
+    position; h: (..., H), weight: (V, H), targets: h's leading shape."""
     if cap is not None and cap <= 0:
         raise ValueError(f"softcap: cap must be positive, got {cap}")
     if _plain:
-        return lse_and_target_reference(raw, targets, cap)
-    return _lse_and_target_op(raw, targets, 0.0 if cap is None else float(cap))
+        return lse_and_target_reference(F.linear(h, weight), targets, cap)
+    dtype = _compute_dtype(h, weight)
+    lse, target, _ = _output_op(
+        h.reshape(-1, h.shape[-1]).to(dtype), weight.to(dtype), targets.reshape(-1), 0.0 if cap is None else float(cap)
+    )
+    return lse.view(targets.shape), target.view(targets.shape)

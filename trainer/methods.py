@@ -12,8 +12,9 @@ A new method is a subclass registered in METHODS.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from trainer.cross_entropy import lse_and_target, lse_and_target_reference, softcap
+from trainer.cross_entropy import lse_and_target_reference, output_lse_and_target, softcap
 
 
 class Method:
@@ -31,13 +32,13 @@ class Method:
     def after_step(self, embedding: torch.Tensor) -> None:
         pass
 
-    def loss(self, raw_logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor):
-        """(cross-entropy to log, loss to minimise), from each position's logsumexp and target logit
-        (fp32, computed by trainer.cross_entropy without storing a copy of the logits)."""
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor):
+        """(cross-entropy to log, loss to minimise) of the logits h E^T, from each position's
+        logsumexp and target logit (fp32, computed by trainer.cross_entropy)."""
         if type(self).transform_logits is Method.transform_logits:
-            lse, target_logit = lse_and_target(raw_logits, targets, self.cap)
-        else:  # a transform of its own, which the kernels do not know: plain PyTorch
-            logits = self.transform_logits(raw_logits.float())
+            lse, target_logit = output_lse_and_target(h, embedding, targets, self.cap)
+        else:  # a transform of its own, which the kernel does not know: plain PyTorch
+            logits = self.transform_logits(F.linear(h, embedding).float())
             lse, target_logit = lse_and_target_reference(logits, targets, cap=None)
         ce = (lse - target_logit).mean()
         term = self.loss_term(lse, embedding)

@@ -151,7 +151,7 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        raw = self.lm_head(self.hidden(idx))
+        h = self.hidden(idx)
         if targets is None:
-            return self.method.transform_logits(raw.float())
-        return self.method.loss(raw, targets, self.output_embedding)
+            return self.method.transform_logits(self.lm_head(h).float())
+        return self.method.loss(h, targets, self.output_embedding)
