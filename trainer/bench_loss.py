@@ -1,0 +1,69 @@
+"""Benchmark of the output-layer loss kernel (trainer.cross_entropy) on a CUDA GPU:
+
+    python -m trainer.bench_loss [--rows 32768] [--vocab 50304] [--sweep]
+
+prints the kernel's time and memory throughput (bytes of bf16 logits read + written per second)
+for the configured tuning, or with --sweep for a grid of settings, with and without the soft cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from trainer import cross_entropy as ce
+
+SWEEP = {  # (WHOLE_ROW_MAX, warps, programs per SM); WHOLE_ROW_MAX 0 forces the two-pass kernel
+    "whole row": list(itertools.product([2**20], [8, 16, 32], [0, 1, 2])),
+    "two passes": list(itertools.product([0], [4, 8, 16], [0, 1, 2, 4])),
+}
+
+
+def time_kernel(raw: torch.Tensor, targets: torch.Tensor, cap: float | None) -> float:
+    """Milliseconds per call. The kernel overwrites its input with q; calls after the first read
+    q as logits, which costs the same (no step of the kernel depends on the values)."""
+    from triton.testing import do_bench
+
+    buffer = raw.clone()
+    return do_bench(lambda: ce.triton_softmax_grad(buffer, targets, cap))
+
+
+def configure(whole_row_max: int, warps: int, per_sm: int) -> None:
+    ce.WHOLE_ROW_MAX, ce.PROGRAMS_PER_SM = whole_row_max, per_sm
+    ce.WHOLE_ROW_WARPS = ce.WARPS = warps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=32768)
+    parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--sweep", action="store_true", help="time a grid of kernel settings")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_loss needs a CUDA GPU")
+    torch.manual_seed(0)
+    raw = (3 * torch.randn(args.rows, args.vocab, device="cuda")).bfloat16()
+    targets = torch.randint(0, args.vocab, (args.rows,), device="cuda")
+    gigabytes = 2 * raw.numel() * raw.element_size() / 1e9  # one read and one write of the logits
+    default = (ce.WHOLE_ROW_MAX, ce.WHOLE_ROW_WARPS, ce.WARPS, ce.PROGRAMS_PER_SM)
+    settings = [("configured", None)] + [
+        (f"{kind} warps={w} per_sm={p or 'rows'}", (m, w, p))
+        for kind, grid in SWEEP.items()
+        for m, w, p in grid
+    ]
+    print(f"{args.rows} x {args.vocab} bf16 logits: setting | cap | ms | TB/s (read + write)")
+    for name, setting in settings if args.sweep else settings[:1]:
+        if setting is not None:
+            configure(*setting)
+        for cap in (None, 30.0):
+            ms = time_kernel(raw, targets, cap)
+            print(f"{name} | {cap} | {ms:.3f} | {gigabytes / ms:.2f}", flush=True)
+        ce.WHOLE_ROW_MAX, ce.WHOLE_ROW_WARPS, ce.WARPS, ce.PROGRAMS_PER_SM = default
+
+
+if __name__ == "__main__":
+    main()
