@@ -29,13 +29,11 @@ def test_paper_scales_have_the_exact_parameter_counts(scale):
 
 def test_rope_rotates_adjacent_pairs_of_the_first_half_only():
     head_dim, seq = 8, 5
-    cos, sin = rope_tables(head_dim, 0.5, seq)
+    tables = rope_tables(head_dim, 0.5, seq)
     d_rot = 4
-    assert cos.shape == (seq, d_rot // 2)
-    # pair i turns at 10000^(-2i/d_rot): pair 0 at 1 rad per position, pair 1 at 0.01
-    assert torch.allclose(torch.atan2(sin[1], cos[1]), torch.tensor([1.0, 0.01]))
+    assert tables.shape == (3, seq, head_dim)
     x = torch.randn(1, 1, seq, head_dim)
-    y = apply_rope(x, cos, sin)
+    y = apply_rope(x, tables)
     assert torch.equal(y[..., d_rot:], x[..., d_rot:])  # second half passes through
     for t in range(seq):
         for i in range(d_rot // 2):
@@ -45,13 +43,20 @@ def test_rope_rotates_adjacent_pairs_of_the_first_half_only():
             assert torch.allclose(y[0, 0, t, 2 * i : 2 * i + 2], expect, atol=1e-6)
 
 
+def test_rope_with_an_odd_head_dim_leaves_the_last_dims_alone():
+    x = torch.randn(1, 2, 6, 7)
+    y = apply_rope(x, rope_tables(7, 0.6, 6))  # d_rot = 4 of 7
+    assert torch.equal(y[..., 4:], x[..., 4:])
+    assert torch.equal(y[:, :, 0], x[:, :, 0])  # position 0 is not turned
+
+
 def test_rope_makes_attention_scores_depend_on_relative_position_only():
-    cos, sin = rope_tables(8, 0.5, 12)
+    tables = rope_tables(8, 0.5, 12)
     q, k = torch.randn(8), torch.randn(8)
 
     def score(tq, tk):
-        qs = apply_rope(q.expand(1, 1, 12, 8).clone(), cos, sin)[0, 0, tq]
-        ks = apply_rope(k.expand(1, 1, 12, 8).clone(), cos, sin)[0, 0, tk]
+        qs = apply_rope(q.expand(1, 1, 12, 8).clone(), tables)[0, 0, tq]
+        ks = apply_rope(k.expand(1, 1, 12, 8).clone(), tables)[0, 0, tk]
         return (qs * ks).sum()
 
     assert torch.allclose(score(5, 3), score(9, 7), atol=1e-5)

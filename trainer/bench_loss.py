@@ -15,10 +15,10 @@ import torch
 
 from trainer import cross_entropy as ce
 
-SWEEP = {  # (WHOLE_ROW_MAX, warps, programs per SM); WHOLE_ROW_MAX 0 forces the two-pass kernel
-    "whole row": list(itertools.product([2**20], [8, 16, 32], [0, 1, 2])),
-    "two passes": list(itertools.product([0], [4, 8, 16], [0, 1, 2, 4])),
-}
+SETTINGS = ("BLOCK", "WARPS", "PROGRAMS_PER_SM", "FIRST_READ", "SECOND_READ", "STAGES", "REVERSE")
+SWEEP = list(
+    itertools.product([4096], [4, 8], [0, 2, 4], ["evict_last"], ["evict_first"], [1, 2, 3], [False, True])
+)
 
 
 def time_kernel(raw: torch.Tensor, targets: torch.Tensor, cap: float | None) -> float:
@@ -28,11 +28,6 @@ def time_kernel(raw: torch.Tensor, targets: torch.Tensor, cap: float | None) -> 
 
     buffer = raw.clone()
     return do_bench(lambda: ce.triton_softmax_grad(buffer, targets, cap))
-
-
-def configure(whole_row_max: int, warps: int, per_sm: int) -> None:
-    ce.WHOLE_ROW_MAX, ce.PROGRAMS_PER_SM = whole_row_max, per_sm
-    ce.WHOLE_ROW_WARPS = ce.WARPS = warps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,20 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     raw = (3 * torch.randn(args.rows, args.vocab, device="cuda")).bfloat16()
     targets = torch.randint(0, args.vocab, (args.rows,), device="cuda")
     gigabytes = 2 * raw.numel() * raw.element_size() / 1e9  # one read and one write of the logits
-    default = (ce.WHOLE_ROW_MAX, ce.WHOLE_ROW_WARPS, ce.WARPS, ce.PROGRAMS_PER_SM)
-    settings = [("configured", None)] + [
-        (f"{kind} warps={w} per_sm={p or 'rows'}", (m, w, p))
-        for kind, grid in SWEEP.items()
-        for m, w, p in grid
-    ]
-    print(f"{args.rows} x {args.vocab} bf16 logits: setting | cap | ms | TB/s (read + write)")
-    for name, setting in settings if args.sweep else settings[:1]:
-        if setting is not None:
-            configure(*setting)
+    configured = tuple(getattr(ce, name) for name in SETTINGS)
+    print(f"{args.rows} x {args.vocab} bf16 logits | {' '.join(SETTINGS)} | cap | ms | TB/s (read + write)")
+    for setting in [configured, *SWEEP] if args.sweep else [configured]:
+        for name, value in zip(SETTINGS, setting):
+            setattr(ce, name, value)
         for cap in (None, 30.0):
             ms = time_kernel(raw, targets, cap)
-            print(f"{name} | {cap} | {ms:.3f} | {gigabytes / ms:.2f}", flush=True)
-        ce.WHOLE_ROW_MAX, ce.WHOLE_ROW_WARPS, ce.WARPS, ce.PROGRAMS_PER_SM = default
+            print(f"{' '.join(map(str, setting))} | {cap} | {ms:.3f} | {gigabytes / ms:.2f}", flush=True)
+    for name, value in zip(SETTINGS, configured):
+        setattr(ce, name, value)
 
 
 if __name__ == "__main__":

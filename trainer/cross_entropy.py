@@ -31,12 +31,11 @@ try:  # Triton ships with PyTorch's CUDA wheels; without it the CUDA path is pla
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-# Tuning (trainer/bench_kernel): rows up to WHOLE_ROW_MAX logits are held in registers and read
-# once, by WHOLE_ROW_WARPS warps; longer rows are read twice in blocks of BLOCK by WARPS warps.
-# PROGRAMS_PER_SM: programs per SM, each walking over rows (0: one program per row).
-WHOLE_ROW_MAX, WHOLE_ROW_WARPS = 65536, 16
-BLOCK, WARPS = 4096, 4
-PROGRAMS_PER_SM = 0
+# Tuning (python -m trainer.bench_loss --sweep): logits per block, warps per row, programs per
+# SM (each walks over rows; 0: one program per row), cache hints of the two reads of a row.
+BLOCK, WARPS, PROGRAMS_PER_SM = 4096, 8, 0
+FIRST_READ, SECOND_READ = "evict_last", "evict_first"
+STAGES, REVERSE = 1, True
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -89,45 +88,38 @@ if triton is not None:
     @triton.jit
     def _softmax_grad_kernel(
         logits, targets, lse_out, target_out, n_rows, n_cols, row_stride, cap,
-        HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr,
+        HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK: tl.constexpr,
+        FIRST_READ: tl.constexpr, SECOND_READ: tl.constexpr, STAGES: tl.constexpr, REVERSE: tl.constexpr,
     ):  # fmt: skip
         for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
             start = logits + tl.cast(row, tl.int64) * row_stride
             target = tl.load(targets + row)
             target_x = _capped(tl.load(start + target).to(tl.float32), cap, HAS_CAP, FAST_TANH)
-            if WHOLE_ROW:  # the row fits one block: read once, keep it in registers
-                cols = tl.arange(0, BLOCK)
+            # Online logsumexp: running max m and sum s of exp(x - m), one exp per logit.
+            m = -1e30
+            s = 0.0
+            for offset in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+                cols = offset + tl.arange(0, BLOCK)
                 inside = cols < n_cols
-                x = _capped(
-                    tl.load(start + cols, mask=inside, other=0.0).to(tl.float32), cap, HAS_CAP, FAST_TANH
-                )
-                x = tl.where(inside, x, float("-inf"))
-                m = tl.max(x, axis=0)
-                lse = m + tl.log(tl.sum(tl.exp(x - m), axis=0))
+                x = tl.load(start + cols, mask=inside, other=0.0, eviction_policy=FIRST_READ)
+                x = tl.where(inside, _capped(x.to(tl.float32), cap, HAS_CAP, FAST_TANH), float("-inf"))
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(s)
+            # Second read of the row, q written over it; last block first, the likeliest to still
+            # be in the L2 cache.
+            n_blocks = tl.cdiv(n_cols, BLOCK)
+            for i in tl.range(0, n_blocks, num_stages=STAGES):
+                if REVERSE:
+                    cols = (n_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
+                else:
+                    cols = i * BLOCK + tl.arange(0, BLOCK)
+                inside = cols < n_cols
+                x = tl.load(start + cols, mask=inside, other=0.0, eviction_policy=SECOND_READ)
+                x = _capped(x.to(tl.float32), cap, HAS_CAP, FAST_TANH)
                 q = _q(x, lse, cols, target, cap, HAS_CAP)
                 tl.store(start + cols, q.to(logits.dtype.element_ty), mask=inside)
-            else:
-                # Online logsumexp: running max m and sum s of exp(x - m), one exp per logit.
-                m = -1e30
-                s = 0.0
-                for offset in range(0, n_cols, BLOCK):
-                    cols = offset + tl.arange(0, BLOCK)
-                    inside = cols < n_cols
-                    x = tl.load(start + cols, mask=inside, other=0.0)
-                    x = tl.where(inside, _capped(x.to(tl.float32), cap, HAS_CAP, FAST_TANH), float("-inf"))
-                    m_new = tl.maximum(m, tl.max(x, axis=0))
-                    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-                    m = m_new
-                lse = m + tl.log(s)
-                # Second read of the row, q written over it.
-                for offset in range(0, n_cols, BLOCK):
-                    cols = offset + tl.arange(0, BLOCK)
-                    inside = cols < n_cols
-                    x = _capped(
-                        tl.load(start + cols, mask=inside, other=0.0).to(tl.float32), cap, HAS_CAP, FAST_TANH
-                    )
-                    q = _q(x, lse, cols, target, cap, HAS_CAP)
-                    tl.store(start + cols, q.to(logits.dtype.element_ty), mask=inside)
             tl.store(lse_out + row, lse)
             tl.store(target_out + row, target_x)
 
@@ -139,15 +131,12 @@ def triton_softmax_grad(logits: torch.Tensor, targets: torch.Tensor, cap: float 
     rows = logits.shape[0]
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
     target = torch.empty_like(lse)
-    n_cols = logits.shape[1]
-    whole_row = n_cols <= WHOLE_ROW_MAX
     sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 4
     programs = min(rows, PROGRAMS_PER_SM * sms) if PROGRAMS_PER_SM else rows
     _softmax_grad_kernel[(programs,)](
-        logits, targets, lse, target, rows, n_cols, logits.stride(0), cap or 0.0,
-        HAS_CAP=cap is not None, FAST_TANH=logits.is_cuda, WHOLE_ROW=whole_row,
-        BLOCK=triton.next_power_of_2(n_cols) if whole_row else BLOCK,
-        num_warps=WHOLE_ROW_WARPS if whole_row else WARPS,
+        logits, targets, lse, target, rows, logits.shape[1], logits.stride(0), cap or 0.0,
+        HAS_CAP=cap is not None, FAST_TANH=logits.is_cuda, BLOCK=BLOCK,
+        FIRST_READ=FIRST_READ, SECOND_READ=SECOND_READ, STAGES=STAGES, REVERSE=REVERSE, num_warps=WARPS,
     )  # fmt: skip
     return lse, target
 

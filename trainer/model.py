@@ -21,28 +21,31 @@ def swiglu_hidden(n_embd: int) -> int:
     return 256 * math.ceil(int(8 * n_embd / 3) / 256)
 
 
-def rope_tables(head_dim: int, rope_fraction: float, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (seq_len, d_rot/2): pair i turns at 10000^(-2i/d_rot)."""
+def rope_tables(head_dim: int, rope_fraction: float, seq_len: int) -> torch.Tensor:
+    """(3, seq_len, head_dim): cos, sin_next, sin_prev for apply_rope.
+
+    Pair i, dims (2i, 2i+1) of the first d_rot, turns at 10000^(-2i/d_rot) rad per position:
+    y[2i] = x[2i] cos - x[2i+1] sin and y[2i+1] = x[2i+1] cos + x[2i] sin. So sin_next (the
+    factor of x[j+1]) holds -sin at even j, sin_prev (of x[j-1]) +sin at odd j; past d_rot cos is
+    1 and both sins 0, and those dims pass through.
+    """
     d_rot = int(head_dim * rope_fraction)
     inv_freq = 10000.0 ** (-torch.arange(0, d_rot, 2, dtype=torch.float64) / d_rot)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    tables = torch.zeros(3, seq_len, head_dim, dtype=torch.float64)
+    tables[0] = 1.0
+    tables[0, :, 0:d_rot:2] = tables[0, :, 1:d_rot:2] = angles.cos()
+    tables[1, :, 0:d_rot:2] = -angles.sin()
+    tables[2, :, 1:d_rot:2] = angles.sin()
+    return tables.float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (0,1), (2,3), ... of the first d_rot dims; the rest pass through.
-
-    x: (B, heads, T, head_dim); cos, sin: (T, d_rot/2).
-    """
-    d_rot = 2 * cos.shape[-1]
-    if d_rot == 0:
-        return x
-    T = x.shape[-2]
-    rot, rest = x[..., :d_rot].float(), x[..., d_rot:]
-    even, odd = rot[..., 0::2], rot[..., 1::2]
-    c, s = cos[:T], sin[:T]
-    turned = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2)
-    return torch.cat((turned.type_as(x), rest), dim=-1)
+def apply_rope(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, head_dim). One elementwise expression (no slicing, stacking or
+    concatenation of the pairs, which costs extra passes over q and k on the GPU)."""
+    cos, sin_next, sin_prev = tables[:, : x.shape[-2]]
+    x32 = x.float()
+    return (x32 * cos + x32.roll(-1, dims=-1) * sin_next + x32.roll(1, dims=-1) * sin_prev).type_as(x)
 
 
 class Attention(nn.Module):
@@ -56,11 +59,11 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(self.head_dim, bias=False) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, bias=False) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        q = apply_rope(self.q_norm(q), rope)
+        k = apply_rope(self.k_norm(k), rope)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -97,8 +100,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=False)
         self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.ln1(x), cos, sin)
+    def forward(self, x, rope):
+        x = x + self.attn(self.ln1(x), rope)
         return x + self.mlp(self.ln2(x))
 
 
@@ -113,9 +116,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=False)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.rope_fraction, cfg.seq_len)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer(
+            "rope", rope_tables(cfg.n_embd // cfg.n_head, cfg.rope_fraction, cfg.seq_len), False
+        )
         self._init_weights()
         if cfg.tied:
             # The shared matrix keeps lm_head's (Xavier-normal) initialisation.
@@ -147,7 +150,7 @@ class GPT(nn.Module):
         """h after the final LayerNorm, (B, T, H)."""
         x = self.wte(idx)
         for block in self.blocks:
-            x = block(x, self.rope_cos, self.rope_sin)
+            x = block(x, self.rope)
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
