@@ -44,9 +44,9 @@ from trainer.validation import validation_loss
 MICRO_BATCH_TOKENS = 32768  # "auto" micro-batch off CUDA: at most this many tokens per forward pass
 # "auto" on CUDA: the largest micro-batch whose estimated memory fits in this share of the GPU.
 # Bytes per token: ~50 per (layer x width) of saved activations (bf16, compiled; measured on an
-# H200: 35.2 GB at 16M x 64 sequences, 67.1 GB at 221M x 32, both under this estimate) plus the
-# bf16 logits and their gradient (4 per vocabulary entry); 16 bytes per parameter (weights,
-# gradients, AdamW moments).
+# H200: 22.0 GB at 16M x 64 sequences, 60.6 GB at 221M x 32, both under this estimate) plus the
+# bf16 logits, which the loss kernel turns into their gradient in place (2 per vocabulary
+# entry); 16 bytes per parameter (weights, gradients, AdamW moments).
 GPU_MEMORY_SHARE = 0.6
 ACTIVATION_BYTES = 50
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)  # INT: Ctrl-C
@@ -76,7 +76,7 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
 def micro_tokens_for_memory(cfg: RunConfig, gpu_memory: int, n_params: int) -> int:
     """The token cap of micro_batch "auto" on a GPU of gpu_memory bytes (see GPU_MEMORY_SHARE)."""
     m = cfg.model
-    per_token = ACTIVATION_BYTES * m.n_layer * m.n_embd + 4 * m.vocab_size
+    per_token = ACTIVATION_BYTES * m.n_layer * m.n_embd + 2 * m.vocab_size
     budget = GPU_MEMORY_SHARE * gpu_memory - 16 * n_params
     return max(m.seq_len, int(budget // per_token))
 
