@@ -125,3 +125,15 @@ def test_triton_kernel_against_the_definition():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kernel ok" in result.stdout
+
+
+def test_kernel_benchmark_runs_on_a_gpu_and_says_why_not_without(capsys):
+    from trainer import bench_loss
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            bench_loss.main(["--rows", "64"])
+        return
+    bench_loss.main(["--rows", "64", "--vocab", "5000"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if " | " in line][1:]
+    assert len(rows) == 2 and all(float(row.split(" | ")[-1]) > 0 for row in rows)  # cap off, on
