@@ -14,8 +14,9 @@ and q does not depend on the incoming gradients (g_lse, g_target). So the forwar
 them of its own: d h = g_lse * (q E) + (g_lse + g_target) s_t E_t and d E = q^T (g_lse * h) + the
 same target term. (The second term vanishes for plain cross-entropy, g_target = -g_lse, so for
 every method but z-loss q alone carries the gradient, the target's p_t - 1 computed in fp32.)
-On CUDA a Triton kernel reads each row of logits once from memory (a second read hits the cache)
-and writes q over it; elsewhere the op is plain PyTorch. Tests pin both to F.cross_entropy.
+On CUDA a Triton kernel reads each row of logits twice (logsumexp, then q; the second read
+starts from the row's end, which is likelier to still be in the L2 cache) and writes q over it;
+elsewhere the op is plain PyTorch. Tests pin both to F.cross_entropy.
 """
 
 from __future__ import annotations
