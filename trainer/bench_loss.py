@@ -15,10 +15,8 @@ import torch
 
 from trainer import cross_entropy as ce
 
-SETTINGS = ("BLOCK", "WARPS", "PROGRAMS_PER_SM", "FIRST_READ", "SECOND_READ", "STAGES", "REVERSE")
-SWEEP = list(
-    itertools.product([4096], [4, 8], [0, 2, 4], ["evict_last"], ["evict_first"], [1, 2, 3], [False, True])
-)
+SETTINGS = ("BLOCK", "WARPS")
+SWEEP = list(itertools.product([2048, 4096, 8192, 16384], [4, 8, 16]))
 
 
 def time_kernel(raw: torch.Tensor, targets: torch.Tensor, cap: float | None) -> float:

@@ -116,9 +116,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=False)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.register_buffer(
-            "rope", rope_tables(cfg.n_embd // cfg.n_head, cfg.rope_fraction, cfg.seq_len), False
-        )
+        rope = rope_tables(cfg.n_embd // cfg.n_head, cfg.rope_fraction, cfg.seq_len)
+        self.register_buffer("rope", rope, persistent=False)
         self._init_weights()
         if cfg.tied:
             # The shared matrix keeps lm_head's (Xavier-normal) initialisation.
