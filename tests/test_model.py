@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer.config import ModelConfig
-from trainer.model import GPT, apply_rope, rope_tables, swiglu_hidden
+from trainer.model import GPT, swiglu_hidden
 
 PAPER_SCALES = {  # layers, width, SwiGLU hidden, exact non-embedding parameters (PROTOCOL.md)
     "16M": (6, 224, 768, 4_304_384),
@@ -25,41 +25,6 @@ def test_paper_scales_have_the_exact_parameter_counts(scale):
     assert model.lm_head.weight.shape == (50304, n_embd)
     nominal = {"16M": 16e6, "29M": 29e6, "57M": 57e6, "109M": 109e6, "221M": 221e6}[scale]
     assert abs(non_embedding + 50304 * n_embd - nominal) / nominal < 0.03  # nominal N of the tables
-
-
-def test_rope_rotates_adjacent_pairs_of_the_first_half_only():
-    head_dim, seq = 8, 5
-    tables = rope_tables(head_dim, 0.5, seq)
-    d_rot = 4
-    assert tables.shape == (3, seq, head_dim)
-    x = torch.randn(1, 1, seq, head_dim)
-    y = apply_rope(x, tables)
-    assert torch.equal(y[..., d_rot:], x[..., d_rot:])  # second half passes through
-    for t in range(seq):
-        for i in range(d_rot // 2):
-            a = t * 10000.0 ** (-2 * i / d_rot)
-            x0, x1 = x[0, 0, t, 2 * i], x[0, 0, t, 2 * i + 1]
-            expect = torch.stack([x0 * math.cos(a) - x1 * math.sin(a), x0 * math.sin(a) + x1 * math.cos(a)])
-            assert torch.allclose(y[0, 0, t, 2 * i : 2 * i + 2], expect, atol=1e-6)
-
-
-def test_rope_with_an_odd_head_dim_leaves_the_last_dims_alone():
-    x = torch.randn(1, 2, 6, 7)
-    y = apply_rope(x, rope_tables(7, 0.6, 6))  # d_rot = 4 of 7
-    assert torch.equal(y[..., 4:], x[..., 4:])
-    assert torch.equal(y[:, :, 0], x[:, :, 0])  # position 0 is not turned
-
-
-def test_rope_makes_attention_scores_depend_on_relative_position_only():
-    tables = rope_tables(8, 0.5, 12)
-    q, k = torch.randn(8), torch.randn(8)
-
-    def score(tq, tk):
-        qs = apply_rope(q.expand(1, 1, 12, 8).clone(), tables)[0, 0, tq]
-        ks = apply_rope(k.expand(1, 1, 12, 8).clone(), tables)[0, 0, tk]
-        return (qs * ks).sum()
-
-    assert torch.allclose(score(5, 3), score(9, 7), atol=1e-5)
 
 
 def tiny(**kw) -> ModelConfig:

@@ -21,16 +21,10 @@ elsewhere the op is plain PyTorch. Tests pin both to F.cross_entropy.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
-try:  # Triton ships with PyTorch's CUDA wheels; without it the CUDA path is plain PyTorch too
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
+from trainer.fast_path import is_plain, tl, triton, use_triton
 
 # Logits per block and warps per row (python -m trainer.bench_loss --sweep): 2.18 ms for 32768 x
 # 50304 bf16 logits on an H200. Walking over rows with fewer programs (so that the rows in flight
@@ -133,10 +127,6 @@ def triton_softmax_grad(logits: torch.Tensor, targets: torch.Tensor, cap: float 
     return lse, target
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
-
-
 @torch.library.custom_op("trainer::output_lse_and_target", mutates_args=())
 def _output_op(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float
@@ -145,7 +135,7 @@ def _output_op(
     cap <= 0 means no cap (a custom op takes no Optional float in every torch version)."""
     cap_or_none = cap if cap > 0 else None
     logits = h @ weight.t()
-    if not _use_triton(logits):
+    if not use_triton(logits):
         return softmax_grad_reference(logits, targets, cap_or_none)
     lse, target = triton_softmax_grad(logits, targets, cap_or_none)
     return lse, target, logits
@@ -181,21 +171,6 @@ def _backward(ctx, grad_lse, grad_target, _grad_q):
 _output_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-_plain = False
-
-
-@contextmanager
-def plain_pytorch():
-    """Within: the logits and the loss inputs are the textbook definition under autograd
-    (trainer.parity's plain path)."""
-    global _plain
-    before, _plain = _plain, True
-    try:
-        yield
-    finally:
-        _plain = before
-
-
 def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """What F.linear would compute in: the autocast dtype where autocast is on."""
     device = h.device.type
@@ -211,7 +186,7 @@ def output_lse_and_target(
     position; h: (..., H), weight: (V, H), targets: h's leading shape."""
     if cap is not None and cap <= 0:
         raise ValueError(f"softcap: cap must be positive, got {cap}")
-    if _plain:
+    if is_plain():
         return lse_and_target_reference(F.linear(h, weight), targets, cap)
     dtype = _compute_dtype(h, weight)
     lse, target, _ = _output_op(

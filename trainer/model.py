@@ -14,38 +14,12 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.methods import Method, build_method
+from trainer.rope import norm_rope, rope_tables
 
 
 def swiglu_hidden(n_embd: int) -> int:
     """256 * ceil(int(8H/3) / 256): the SwiGLU width of the paper."""
     return 256 * math.ceil(int(8 * n_embd / 3) / 256)
-
-
-def rope_tables(head_dim: int, rope_fraction: float, seq_len: int) -> torch.Tensor:
-    """(3, seq_len, head_dim): cos, sin_next, sin_prev for apply_rope.
-
-    Pair i, dims (2i, 2i+1) of the first d_rot, turns at 10000^(-2i/d_rot) rad per position:
-    y[2i] = x[2i] cos - x[2i+1] sin and y[2i+1] = x[2i+1] cos + x[2i] sin. So sin_next (the
-    factor of x[j+1]) holds -sin at even j, sin_prev (of x[j-1]) +sin at odd j; past d_rot cos is
-    1 and both sins 0, and those dims pass through.
-    """
-    d_rot = int(head_dim * rope_fraction)
-    inv_freq = 10000.0 ** (-torch.arange(0, d_rot, 2, dtype=torch.float64) / d_rot)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-    tables = torch.zeros(3, seq_len, head_dim, dtype=torch.float64)
-    tables[0] = 1.0
-    tables[0, :, 0:d_rot:2] = tables[0, :, 1:d_rot:2] = angles.cos()
-    tables[1, :, 0:d_rot:2] = -angles.sin()
-    tables[2, :, 1:d_rot:2] = angles.sin()
-    return tables.float()
-
-
-def apply_rope(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, head_dim). One elementwise expression (no slicing, stacking or
-    concatenation of the pairs, which costs extra passes over q and k on the GPU)."""
-    cos, sin_next, sin_prev = tables[:, : x.shape[-2]]
-    x32 = x.float()
-    return (x32 * cos + x32.roll(-1, dims=-1) * sin_next + x32.roll(1, dims=-1) * sin_prev).type_as(x)
 
 
 class Attention(nn.Module):
@@ -61,10 +35,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = apply_rope(self.q_norm(q), rope)
-        k = apply_rope(self.k_norm(k), rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim)
+        # (B, T, heads, head_dim) as qkv comes; SDPA takes (B, heads, T, head_dim) views.
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        q = norm_rope(q, self.q_norm, rope).transpose(1, 2)
+        k = norm_rope(k, self.k_norm, rope).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True)  # scale 1/sqrt(head_dim)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

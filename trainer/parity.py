@@ -22,8 +22,8 @@ import numpy as np
 
 from trainer.bench import BENCH_PARAMS, GPT2_VOCAB, paper_config
 from trainer.config import RunConfig, config_from_dict
-from trainer.cross_entropy import plain_pytorch
 from trainer.distributed import process_group
+from trainer.fast_path import plain_pytorch
 from trainer.optim import learning_rate
 from trainer.shards import write_shard
 
