@@ -1,5 +1,5 @@
-"""RoPE, and QK-LayerNorm + RoPE as one operation (norm_rope) and its Triton kernels, against
-the definition under autograd."""
+"""RoPE, and QK-LayerNorm + RoPE of q and k with v as one operation (qkv_norm_rope) and its
+Triton kernels, against the definition under autograd."""
 
 import math
 import os
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.fast_path import plain_pytorch
-from trainer.rope import apply_rope, norm_rope, rope_tables
+from trainer.rope import apply_rope, qkv_norm_rope, rope_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,64 +53,86 @@ def test_rope_makes_attention_scores_depend_on_relative_position_only():
     assert torch.allclose(score(5, 3), score(9, 7), atol=1e-5)
 
 
-def qk_norm_inputs(B=2, T=5, heads=3, head_dim=12, seed=0, dtype=torch.float32):
-    """k as the model sees it: a strided (B, T, heads, head_dim) view into qkv; a LayerNorm whose
-    weight is not all ones; tables longer than T (the model's are cfg.seq_len long)."""
+def qkv_inputs(B=2, T=5, heads=3, head_dim=12, seed=0, dtype=torch.float32):
+    """qkv as the model sees it, (B, T, 3, heads, head_dim); LayerNorms whose weights are not
+    all ones and differ between q and k; tables longer than T (the model's are cfg.seq_len long)."""
     g = torch.Generator().manual_seed(seed)
     qkv = (3 + 2 * torch.randn(B, T, 3, heads, head_dim, generator=g)).to(dtype)
-    norm = nn.LayerNorm(head_dim, bias=False)
+    norms = nn.LayerNorm(head_dim, bias=False), nn.LayerNorm(head_dim, bias=False)
     with torch.no_grad():
-        norm.weight.mul_(1 + 0.3 * torch.randn(head_dim, generator=g))
-    return qkv[:, :, 1], norm, rope_tables(head_dim, 0.5, T + 3)
+        for norm in norms:
+            norm.weight.mul_(1 + 0.3 * torch.randn(head_dim, generator=g))
+    return qkv, *norms, rope_tables(head_dim, 0.5, T + 3)
 
 
-def test_norm_rope_values_and_gradients_match_the_definition():
-    x, norm, tables = qk_norm_inputs()
-    x = x.detach().requires_grad_()
-    y = norm_rope(x, norm, tables)
-    assert y.shape == x.shape and y.is_contiguous()
-    dy = torch.randn(x.shape[0], x.shape[2], x.shape[1], x.shape[3]).transpose(1, 2)  # SDPA's layout
-    dx, dw = torch.autograd.grad(y, (x, norm.weight), dy)
-
-    xd, wd = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
-    ref = apply_rope(F.layer_norm(xd, xd.shape[-1:], wd, None, norm.eps), tables.double())
-    ref_dx, ref_dw = torch.autograd.grad(ref, (xd, wd), dy.double())
-    for got, want in [(y, ref), (dx, ref_dx), (dw, ref_dw)]:
-        assert (got.double() - want).norm() / want.norm() < 1e-6
+def plain_qkv_norm_rope(qkv, q_weight, k_weight, tables, eps=1e-5):
+    q, k, v = qkv.unbind(2)
+    d = qkv.shape[-1]
+    q = apply_rope(F.layer_norm(q, (d,), q_weight, None, eps), tables)
+    return q, apply_rope(F.layer_norm(k, (d,), k_weight, None, eps), tables), v
 
 
-def test_norm_rope_is_the_plain_expression_where_it_cannot_fuse():
-    x, norm, tables = qk_norm_inputs(head_dim=8)
+def sdpa_layout_gradients(qkv, seed=1):
+    """Incoming gradients as SDPA hands them back: (B, heads, T, head_dim) memory, viewed."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, _, H, D = qkv.shape
+    return [torch.randn(B, H, T, D, generator=g, dtype=qkv.dtype).transpose(1, 2) for _ in range(3)]
+
+
+def test_qkv_norm_rope_values_and_gradients_match_the_definition():
+    qkv, q_norm, k_norm, tables = qkv_inputs()
+    qkv = qkv.detach().requires_grad_()
+    out = qkv_norm_rope(qkv, q_norm, k_norm, tables)
+    assert all(t.shape == (2, 5, 3, 12) and t.is_contiguous() for t in out)
+    grads = sdpa_layout_gradients(qkv)
+    got = torch.autograd.grad(out, (qkv, q_norm.weight, k_norm.weight), grads)
+
+    wide = [t.detach().double().requires_grad_() for t in (qkv, q_norm.weight, k_norm.weight)]
+    ref = plain_qkv_norm_rope(*wide, tables.double())
+    want = torch.autograd.grad(ref, wide, [g.double() for g in grads])
+    for a, b in [*zip(out, ref), *zip(got, want)]:
+        assert (a.double() - b).norm() / b.norm() < 1e-6
+    assert torch.equal(out[2], qkv[:, :, 2]) and torch.equal(got[0][:, :, 2], grads[2])  # v as it is
+
+
+def test_qkv_norm_rope_is_the_plain_expression_where_it_cannot_fuse():
+    qkv, q_norm, k_norm, tables = qkv_inputs(head_dim=8)
     with plain_pytorch():
-        plain = norm_rope(x, norm, tables)
-    assert torch.allclose(norm_rope(x, norm, tables), plain, atol=1e-6)
+        plain = qkv_norm_rope(qkv, q_norm, k_norm, tables)
+    for fused, want in zip(qkv_norm_rope(qkv, q_norm, k_norm, tables), plain):
+        assert torch.allclose(fused, want, atol=1e-6)
+    q, k, v = qkv.unbind(2)
     biased = nn.LayerNorm(8)  # with a bias: not the fused operation, the same function
-    assert torch.equal(norm_rope(x, biased, tables), apply_rope(biased(x), tables))
-    assert torch.equal(norm_rope(x, nn.Identity(), tables), apply_rope(x, tables))  # no QK-norm
+    out = qkv_norm_rope(qkv, biased, k_norm, tables)
+    assert torch.equal(out[0], apply_rope(biased(q), tables)) and out[2] is not None
+    out = qkv_norm_rope(qkv, nn.Identity(), nn.Identity(), tables)  # no QK-norm
+    assert torch.equal(out[0], apply_rope(q, tables)) and torch.equal(out[1], apply_rope(k, tables))
 
 
-def test_norm_rope_keeps_the_dtype_of_its_input_under_autocast():
-    x, norm, tables = qk_norm_inputs(dtype=torch.bfloat16)
+def test_qkv_norm_rope_keeps_the_dtype_of_its_input_under_autocast():
+    qkv, q_norm, k_norm, tables = qkv_inputs(dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = norm_rope(x, norm, tables)
-    want = apply_rope(F.layer_norm(x.float(), (12,), norm.weight, None, norm.eps), tables)
-    assert y.dtype == torch.bfloat16 and torch.equal(y, want.bfloat16())  # fp32 math, one rounding
+        q, k, v = qkv_norm_rope(qkv, q_norm, k_norm, tables)
+    want = apply_rope(F.layer_norm(qkv[:, :, 0].float(), (12,), q_norm.weight, None, q_norm.eps), tables)
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    assert torch.equal(q, want.bfloat16())  # fp32 math, one rounding
 
 
-def test_compiled_norm_rope_matches_eager():
-    x, norm, tables = qk_norm_inputs()
+def test_compiled_qkv_norm_rope_matches_eager():
+    qkv, q_norm, k_norm, tables = qkv_inputs()
 
-    def f(x):
-        return norm_rope(x, norm, tables).square().sum()
+    def f(qkv):
+        q, k, v = qkv_norm_rope(qkv, q_norm, k_norm, tables)
+        return (q * k).sum() + (k * v).square().sum()
 
     grads = []
     for fn in (f, torch.compile(f)):
-        norm.weight.grad = None
-        xi = x.detach().requires_grad_()
-        fn(xi).backward()
-        grads += [xi.grad, norm.weight.grad.clone()]
-    assert torch.allclose(grads[0], grads[2], rtol=1e-5, atol=1e-6)
-    assert torch.allclose(grads[1], grads[3], rtol=1e-5, atol=1e-5)
+        q_norm.weight.grad = k_norm.weight.grad = None
+        x = qkv.detach().requires_grad_()
+        fn(x).backward()
+        grads.append([x.grad, q_norm.weight.grad.clone(), k_norm.weight.grad.clone()])
+    for eager, compiled in zip(*grads):
+        assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-5)
 
 
 KERNEL_CHECK = """
@@ -120,23 +142,30 @@ import torch.nn.functional as F
 from trainer import rope
 device = sys.argv[1]
 g = torch.Generator().manual_seed(0)
-# head_dim 12 (6 pairs in a block of 8), 2 x 5 x 3 = 30 rows: neither a multiple of its block
+# head_dim 12 (6 pairs in a block of 16), 2 x 5 x 3 x 3 = 90 rows: neither a multiple of a block
 for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
     B, T, H, D = 2, 5, 3, 12
     tables = rope.rope_tables(D, 0.5, 7).to(device)
     qkv = (3 + 2 * torch.randn(B, T, 3, H, D, generator=g)).to(device, dtype)
-    x = qkv[:, :, 1]  # k: a strided view
-    w = (1 + 0.3 * torch.randn(D, generator=g)).to(device)
-    dy = torch.randn(B, H, T, D, generator=g).to(device, dtype).transpose(1, 2)
-    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
-    ref = rope.apply_rope(F.layer_norm(xd, (D,), wd, None, 1e-5), tables.double())
-    ref_dx, ref_dw = torch.autograd.grad(ref, (xd, wd), dy.double())
-    y = rope.triton_norm_rope(x, w, tables, 1e-5)
-    dx, dw = rope.triton_norm_rope_backward(dy, x, w, tables, 1e-5)
-    assert y.dtype == dx.dtype == dtype and dw.dtype == torch.float32
-    for name, got, want in [("y", y, ref), ("dx", dx, ref_dx), ("dw", dw, ref_dw)]:
+    wq, wk = ((1 + 0.3 * torch.randn(D, generator=g)).to(device) for _ in range(2))
+    grads = [torch.randn(B, H, T, D, generator=g).to(device, dtype).transpose(1, 2) for _ in range(3)]
+    wide = [t.double().requires_grad_() for t in (qkv, wq, wk)]
+    q, k, v = wide[0].unbind(2)
+    ref = (
+        rope.apply_rope(F.layer_norm(q, (D,), wide[1], None, 1e-5), tables.double()),
+        rope.apply_rope(F.layer_norm(k, (D,), wide[2], None, 1e-5), tables.double()),
+        v,
+    )
+    ref_grads = torch.autograd.grad(ref, wide, [t.double() for t in grads])
+    out = rope.triton_qkv_norm_rope(qkv, wq, wk, tables, 1e-5)
+    got_grads = rope.triton_qkv_norm_rope_backward(*grads, qkv, wq, wk, tables, 1e-5)
+    assert all(t.dtype == dtype for t in (*out, got_grads[0]))
+    assert got_grads[1].dtype == got_grads[2].dtype == torch.float32
+    names = ["q", "k", "v", "dqkv", "dq_weight", "dk_weight"]
+    for name, got, want in zip(names, [*out, *got_grads], [*ref, *ref_grads]):
         error = ((got.double() - want).norm() / want.norm()).item()
         assert error < tol, (dtype, name, error)
+    assert torch.equal(out[2], qkv[:, :, 2]) and torch.equal(got_grads[0][:, :, 2], grads[2])
 print("kernel ok")
 """
 

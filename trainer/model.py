@@ -14,7 +14,7 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.methods import Method, build_method
-from trainer.rope import norm_rope, rope_tables
+from trainer.rope import qkv_norm_rope, rope_tables
 
 
 def swiglu_hidden(n_embd: int) -> int:
@@ -36,10 +36,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, heads, head_dim) as qkv comes; SDPA takes (B, heads, T, head_dim) views.
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        q = norm_rope(q, self.q_norm, rope).transpose(1, 2)
-        k = norm_rope(k, self.k_norm, rope).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True)  # scale 1/sqrt(head_dim)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv_norm_rope(qkv, self.q_norm, self.k_norm, rope))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

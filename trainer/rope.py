@@ -1,17 +1,17 @@
 """Rotary position embedding (RoPE) of queries and keys, and the QK-LayerNorm before it.
 
     tables = rope_tables(head_dim, rope_fraction, seq_len)
-    q = apply_rope(q, tables)                  # q: (B, T, heads, head_dim)
-    q = norm_rope(q, q_norm, tables)           # = apply_rope(q_norm(q), tables), one operation
+    q = apply_rope(q, tables)                                # q: (B, T, heads, head_dim)
+    q, k, v = qkv_norm_rope(qkv, q_norm, k_norm, tables)     # qkv: (B, T, 3, heads, head_dim)
 
 RoPE turns each pair of dims (2i, 2i+1) of the first d_rot by an angle that grows with the
 position; the rest pass through. The norm before it is a LayerNorm with a weight and no bias.
-Compiled, norm and RoPE of q and k took ~1.3 ms of a 221M layer's forward and backward (B 32):
-Inductor reduces the weight's gradient in kernels of their own and reads the pair partners
-through shifted loads. `norm_rope` is one operation: on CUDA one Triton kernel each way that
-reads a row of head_dim numbers once (normalise, weight, turn; backward: turn back, LayerNorm's
-backward, the weight's gradient summed per program), ~0.5 ms for q and k; elsewhere the same
-function in PyTorch. Tests pin both to apply_rope(F.layer_norm(x)) under autograd.
+`qkv_norm_rope` is the attention's whole input step as one operation: q and k through their
+norm and RoPE, v as it is, each out as a contiguous (B, T, heads, head_dim) tensor. On CUDA it
+is one Triton kernel each way that reads a row of head_dim numbers once; the backward writes
+the gradient of qkv in one pass (q and k through the turn back and LayerNorm's backward, v's
+gradient copied), so nothing assembles it from three pieces afterwards. Elsewhere the same
+function in PyTorch. Tests pin both to the plain expression under autograd.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from torch import nn
 from trainer.fast_path import is_plain, tl, triton, use_triton
 
 # (rows per block, warps) of the forward kernel, and (rows per block, warps, blocks per program)
-# of the backward one, whose programs each sum the weight's gradient over their blocks. A row is
-# one head at one position. Measured at the 221M shape (B 32, k a view into qkv) on an H200:
-# 0.094 ms forward, 0.165 ms backward; the backward took 0.27-0.72 ms with more warps per program.
+# of the backward one, whose programs each sum their weight's gradient over their blocks. A row
+# is one head of q, k or v at one position. Swept at the 221M shape (B 32) on an H200: forward
+# 0.218 ms (3.0 TB/s; 0.22-0.25 ms over rows 2-16 x warps 1-4), backward 0.42 ms in a step.
 FORWARD_ROWS, FORWARD_WARPS = 8, 2
-BACKWARD_ROWS, BACKWARD_WARPS, BACKWARD_BLOCKS = 4, 1, 16
+BACKWARD_ROWS, BACKWARD_WARPS, BACKWARD_BLOCKS = 8, 1, 16
 
 
 def rope_tables(head_dim: int, rope_fraction: float, seq_len: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ def apply_rope(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 
 def norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, tables: torch.Tensor, eps: float):
-    """The definition in fp32 (or fp64) PyTorch, rounded to x's dtype once at the end."""
+    """apply_rope(LayerNorm(x)) in fp32 (or fp64), rounded to x's dtype once at the end."""
     x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     y = apply_rope(F.layer_norm(x32, x.shape[-1:], weight.to(x32.dtype), None, eps), tables)
     return y.to(x.dtype)
@@ -77,34 +77,65 @@ def norm_rope_backward_reference(dy, x, weight, tables, eps: float):
     dweight = (dz * normed).reshape(-1, x.shape[-1]).sum(0)
     dn = dz * weight.to(wide)
     dx = (dn - dn.mean(-1, keepdim=True) - normed * (dn * normed).mean(-1, keepdim=True)) * rstd
-    return dx.to(x.dtype).contiguous(), dweight.to(weight.dtype)
+    return dx.to(x.dtype), dweight.to(weight.dtype)
 
 
-def norm_rope(x: torch.Tensor, norm: nn.Module, tables: torch.Tensor) -> torch.Tensor:
-    """apply_rope(norm(x), tables), x: (B, T, heads, head_dim). A LayerNorm with a weight and no
-    bias over an even head_dim makes it one operation (the dtype of x out, computed in fp32)."""
-    fusable = isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is None
-    if is_plain() or not fusable or x.shape[-1] % 2:
-        return apply_rope(norm(x), tables)
-    return _norm_rope_op(x, norm.weight, tables, norm.eps)
+def _fusable(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is None
+
+
+def qkv_norm_rope(qkv: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module, tables: torch.Tensor):
+    """(apply_rope(q_norm(q)), apply_rope(k_norm(k)), v) of qkv (B, T, 3, heads, head_dim), each
+    (B, T, heads, head_dim) in qkv's dtype. LayerNorms with a weight, no bias and one eps over an
+    even head_dim make it one operation (computed in fp32); otherwise it is that expression."""
+    fusable = _fusable(q_norm) and _fusable(k_norm) and q_norm.eps == k_norm.eps
+    if is_plain() or not fusable or qkv.shape[-1] % 2:
+        q, k, v = qkv.unbind(2)
+        return apply_rope(q_norm(q), tables), apply_rope(k_norm(k), tables), v
+    return _qkv_norm_rope_op(qkv, q_norm.weight, k_norm.weight, tables, q_norm.eps)
+
+
+def qkv_norm_rope_reference(qkv, q_weight, k_weight, tables, eps: float):
+    q, k, v = qkv.unbind(2)
+    return (
+        norm_rope_reference(q, q_weight, tables, eps),
+        norm_rope_reference(k, k_weight, tables, eps),
+        v.contiguous(),
+    )
+
+
+def qkv_norm_rope_backward_reference(dq, dk, dv, qkv, q_weight, k_weight, tables, eps: float):
+    """(dqkv, dq_weight, dk_weight) of qkv_norm_rope_reference, by the kernel's formulas."""
+    q, k, _ = qkv.unbind(2)
+    dxq, dwq = norm_rope_backward_reference(dq, q, q_weight, tables, eps)
+    dxk, dwk = norm_rope_backward_reference(dk, k, k_weight, tables, eps)
+    return torch.stack([dxq, dxk, dv.to(dxq.dtype)], dim=2), dwq, dwk
 
 
 if triton is not None:
 
     @triton.jit
-    def _row_starts(rows, seq_len, n_heads, stride_b, stride_t, stride_h):
-        """Offset of each row's first element; rows count (b, t, head) in that order."""
-        bt = rows // n_heads
-        return (bt // seq_len) * stride_b + (bt % seq_len) * stride_t + (rows % n_heads) * stride_h
+    def _block_of(part, block, n_rows, n_heads, D: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr):
+        """A block of rows of one part of qkv (0 q, 1 k, 2 v). Rows count (position, head); a
+        position holds 3 x heads rows of qkv, q's first. Returns the rows' positions, the
+        elements' offsets in qkv and in the part's own (B, T, heads, head_dim) tensor, and their
+        mask."""
+        rows = block * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, COLS)
+        position = rows // n_heads
+        in_qkv = ((position * 3 + part) * n_heads + rows % n_heads).to(tl.int64) * D
+        mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+        return (
+            cols,
+            position,
+            in_qkv[:, None] + cols[None, :],
+            rows.to(tl.int64)[:, None] * D + cols[None, :],
+            mask,
+        )
 
     @triton.jit
-    def _load_rows(ptr, starts, cols, mask):
-        return tl.load(ptr + starts[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _normalized(x, starts, cols, mask, eps, D: tl.constexpr):
-        """LayerNorm without its weight (fp32, masked elements 0), and 1/std per row."""
-        x = _load_rows(x, starts, cols, mask)
+    def _normalized(x, mask, eps, D: tl.constexpr):
+        """LayerNorm without its weight of rows x (fp32, masked elements 0), and 1/std per row."""
         centred = tl.where(mask, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / D + eps)
         return centred * rstd[:, None], rstd
@@ -125,126 +156,132 @@ if triton is not None:
         return tl.reshape(tl.join(odd, even), [ROWS, COLS])
 
     @triton.jit
-    def _norm_rope_forward_kernel(
-        x, weight, tables, y, n_rows, seq_len, n_heads, stride_b, stride_t, stride_h, table_len, eps,
+    def _qkv_norm_rope_forward_kernel(
+        qkv, weights, tables, q, k, v, n_rows, seq_len, n_heads, table_len, eps,
         D: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr,
     ):  # fmt: skip
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, COLS)
-        mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
-        normed, _ = _normalized(
-            x, _row_starts(rows, seq_len, n_heads, stride_b, stride_t, stride_h), cols, mask, eps, D
+        part = tl.program_id(1)
+        cols, position, at_qkv, at_part, mask = _block_of(
+            part, tl.program_id(0), n_rows, n_heads, D, COLS, ROWS
         )
-        z = normed * tl.load(weight + cols, mask=cols < D, other=0.0)[None, :]
-        cos, sin = _turn(tables, rows // n_heads % seq_len, cols, mask, table_len, D)
-        out = z * cos + _swap_pairs(z, ROWS, COLS) * sin
-        tl.store(y + rows[:, None] * D + cols[None, :], out.to(y.dtype.element_ty), mask=mask)
+        x = tl.load(qkv + at_qkv, mask=mask, other=0.0)
+        if part == 2:
+            tl.store(v + at_part, x, mask=mask)
+        else:
+            normed, _ = _normalized(x.to(tl.float32), mask, eps, D)
+            z = normed * tl.load(weights + part * D + cols, mask=cols < D, other=0.0)[None, :]
+            cos, sin = _turn(tables, position % seq_len, cols, mask, table_len, D)
+            out = (z * cos + _swap_pairs(z, ROWS, COLS) * sin).to(q.dtype.element_ty)
+            tl.store(tl.where(part == 0, q, k) + at_part, out, mask=mask)
 
     @triton.jit
-    def _norm_rope_backward_kernel(
-        x, weight, tables, dy, dx, dw_partial, n_rows, seq_len, n_heads,
-        stride_b, stride_t, stride_h, dy_stride_b, dy_stride_t, dy_stride_h, table_len, eps,
+    def _qkv_norm_rope_backward_kernel(
+        qkv, weights, tables, dq, dk, dv, dqkv, dw_partial, n_rows, seq_len, n_heads, table_len, eps,
         D: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr,
     ):  # fmt: skip
-        program = tl.program_id(0)
+        program, part = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, COLS)
-        w = tl.load(weight + cols, mask=cols < D, other=0.0)[None, :]
+        w = tl.load(weights + (part % 2) * D + cols, mask=cols < D, other=0.0)[None, :]
         dw = tl.zeros([COLS], dtype=tl.float32)
         for i in range(BLOCKS):
-            rows = (program * BLOCKS + i).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-            mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
-            starts = _row_starts(rows, seq_len, n_heads, stride_b, stride_t, stride_h)
-            normed, rstd = _normalized(x, starts, cols, mask, eps, D)
-            cos, sin = _turn(tables, rows // n_heads % seq_len, cols, mask, table_len, D)
-            g = _load_rows(
-                dy, _row_starts(rows, seq_len, n_heads, dy_stride_b, dy_stride_t, dy_stride_h), cols, mask
+            cols, position, at_qkv, at_part, mask = _block_of(
+                part, program * BLOCKS + i, n_rows, n_heads, D, COLS, ROWS
             )
-            dz = g * cos + _swap_pairs(g * sin, ROWS, COLS)  # the turn back (its transpose)
-            dw += tl.sum(dz * normed, axis=0)
-            dn = dz * w
-            mean_dn = tl.sum(dn, axis=1) / D
-            mean_dn_n = tl.sum(dn * normed, axis=1) / D
-            out = (dn - mean_dn[:, None] - normed * mean_dn_n[:, None]) * rstd[:, None]
-            tl.store(dx + rows[:, None] * D + cols[None, :], out.to(dx.dtype.element_ty), mask=mask)
-        tl.store(dw_partial + program * D + cols, dw, mask=cols < D)
+            if part == 2:  # v's gradient as it is
+                tl.store(dqkv + at_qkv, tl.load(dv + at_part, mask=mask), mask=mask)
+            else:
+                g = tl.load(tl.where(part == 0, dq, dk) + at_part, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(qkv + at_qkv, mask=mask, other=0.0).to(tl.float32)
+                normed, rstd = _normalized(x, mask, eps, D)
+                cos, sin = _turn(tables, position % seq_len, cols, mask, table_len, D)
+                dz = g * cos + _swap_pairs(g * sin, ROWS, COLS)  # the turn back (its transpose)
+                dw += tl.sum(dz * normed, axis=0)
+                dn = dz * w
+                mean_dn = tl.sum(dn, axis=1) / D
+                mean_dn_n = tl.sum(dn * normed, axis=1) / D
+                dx = (dn - mean_dn[:, None] - normed * mean_dn_n[:, None]) * rstd[:, None]
+                tl.store(dqkv + at_qkv, dx.to(dqkv.dtype.element_ty), mask=mask)
+        if part < 2:
+            tl.store(dw_partial + (part * tl.num_programs(0) + program) * D + cols, dw, mask=cols < D)
 
 
-def _launch_shape(x: torch.Tensor, tables: torch.Tensor, rows: int, warps: int) -> dict:
-    B, T, heads, head_dim = x.shape
-    assert tables.is_contiguous() and tables.shape[0] == 3 and tables.shape[2] == head_dim
+def _launch_shape(qkv: torch.Tensor, tables: torch.Tensor, rows: int, warps: int) -> dict:
+    B, T, three, heads, head_dim = qkv.shape
+    assert three == 3 and tables.is_contiguous() and tables.shape[0] == 3 and tables.shape[2] == head_dim
     return dict(
         n_rows=B * T * heads, seq_len=T, n_heads=heads, table_len=tables.shape[1],
         D=head_dim, COLS=triton.next_power_of_2(head_dim), ROWS=rows, num_warps=warps,
     )  # fmt: skip
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def triton_qkv_norm_rope(qkv, q_weight, k_weight, tables, eps: float):
+    """The forward kernel (any device Triton runs on): q, k, v, each (B, T, heads, head_dim).
+    One launch; a program takes rows of one part."""
+    qkv = qkv.contiguous()
+    B, T, _, heads, head_dim = qkv.shape
+    q, k, v = (qkv.new_empty(B, T, heads, head_dim) for _ in range(3))
+    shape = _launch_shape(qkv, tables, FORWARD_ROWS, FORWARD_WARPS)
+    grid = (triton.cdiv(shape["n_rows"], FORWARD_ROWS), 3)
+    weights = torch.stack([q_weight, k_weight])
+    _qkv_norm_rope_forward_kernel[grid](qkv, weights, tables, q, k, v, eps=eps, **shape)
+    return q, k, v
 
 
-def triton_norm_rope(x: torch.Tensor, weight: torch.Tensor, tables: torch.Tensor, eps: float):
-    """The forward kernel (any device Triton runs on): y (B, T, heads, head_dim), contiguous."""
-    x = _last_dim_contiguous(x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    shape = _launch_shape(x, tables, FORWARD_ROWS, FORWARD_WARPS)
-    grid = (triton.cdiv(shape["n_rows"], FORWARD_ROWS),)
-    strides = dict(zip(("stride_b", "stride_t", "stride_h"), x.stride()))
-    _norm_rope_forward_kernel[grid](x, weight, tables, y, eps=eps, **strides, **shape)
-    return y
-
-
-def triton_norm_rope_backward(dy, x, weight, tables, eps: float):
-    """The backward kernel: (dx, dweight). Each program sums its share of the weight's gradient;
-    the shares are added up here."""
-    x, dy = _last_dim_contiguous(x), _last_dim_contiguous(dy)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    shape = _launch_shape(x, tables, BACKWARD_ROWS, BACKWARD_WARPS)
+def triton_qkv_norm_rope_backward(dq, dk, dv, qkv, q_weight, k_weight, tables, eps: float):
+    """The backward kernel: (dqkv, dq_weight, dk_weight), dq, dk and dv (B, T, heads, head_dim)
+    contiguous. Each program sums its share of its weight's gradient; the shares are added here."""
+    qkv, dq, dk, dv = (t.contiguous() for t in (qkv, dq, dk, dv))
+    dqkv = torch.empty_like(qkv)
+    shape = _launch_shape(qkv, tables, BACKWARD_ROWS, BACKWARD_WARPS)
     programs = triton.cdiv(shape["n_rows"], BACKWARD_ROWS * BACKWARD_BLOCKS)
-    dw_partial = torch.empty(programs, x.shape[-1], dtype=torch.float32, device=x.device)
-    strides = dict(zip(("stride_b", "stride_t", "stride_h"), x.stride()))
-    strides.update(zip(("dy_stride_b", "dy_stride_t", "dy_stride_h"), dy.stride()))
-    _norm_rope_backward_kernel[(programs,)](
-        x, weight, tables, dy, dx, dw_partial, eps=eps, BLOCKS=BACKWARD_BLOCKS, **strides, **shape
+    dw_partial = torch.empty(2, programs, qkv.shape[-1], dtype=torch.float32, device=qkv.device)
+    weights = torch.stack([q_weight, k_weight])
+    _qkv_norm_rope_backward_kernel[(programs, 3)](
+        qkv, weights, tables, dq, dk, dv, dqkv, dw_partial, eps=eps, BLOCKS=BACKWARD_BLOCKS, **shape
     )
-    return dx, dw_partial.sum(0).to(weight.dtype)
+    return dqkv, dw_partial[0].sum(0).to(q_weight.dtype), dw_partial[1].sum(0).to(k_weight.dtype)
 
 
-@torch.library.custom_op("trainer::norm_rope", mutates_args=())
-def _norm_rope_op(x: torch.Tensor, weight: torch.Tensor, tables: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.numel() and use_triton(x):
-        return triton_norm_rope(x, weight, tables, eps)
-    return norm_rope_reference(x, weight, tables, eps).contiguous()
+@torch.library.custom_op("trainer::qkv_norm_rope", mutates_args=())
+def _qkv_norm_rope_op(
+    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, tables: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if qkv.numel() and use_triton(qkv):
+        return triton_qkv_norm_rope(qkv, q_weight, k_weight, tables, eps)
+    return qkv_norm_rope_reference(qkv, q_weight, k_weight, tables, eps)
 
 
-@_norm_rope_op.register_fake
-def _(x, weight, tables, eps):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+@_qkv_norm_rope_op.register_fake
+def _(qkv, q_weight, k_weight, tables, eps):
+    B, T, _, heads, head_dim = qkv.shape
+    return tuple(qkv.new_empty(B, T, heads, head_dim) for _ in range(3))
 
 
-@torch.library.custom_op("trainer::norm_rope_backward", mutates_args=())
-def _norm_rope_backward_op(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, tables: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.numel() and use_triton(x):
-        return triton_norm_rope_backward(dy, x, weight, tables, eps)
-    return norm_rope_backward_reference(dy, x, weight, tables, eps)
+@torch.library.custom_op("trainer::qkv_norm_rope_backward", mutates_args=())
+def _qkv_norm_rope_backward_op(
+    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor,
+    q_weight: torch.Tensor, k_weight: torch.Tensor, tables: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    if qkv.numel() and use_triton(qkv):
+        return triton_qkv_norm_rope_backward(dq, dk, dv, qkv, q_weight, k_weight, tables, eps)
+    return qkv_norm_rope_backward_reference(dq, dk, dv, qkv, q_weight, k_weight, tables, eps)
 
 
-@_norm_rope_backward_op.register_fake
-def _(dy, x, weight, tables, eps):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight)
+@_qkv_norm_rope_backward_op.register_fake
+def _(dq, dk, dv, qkv, q_weight, k_weight, tables, eps):
+    return torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, tables, eps = inputs
-    ctx.save_for_backward(x, weight, tables)
+    qkv, q_weight, k_weight, tables, eps = inputs
+    ctx.save_for_backward(qkv, q_weight, k_weight, tables)
     ctx.eps = eps
 
 
-def _backward(ctx, dy):
-    x, weight, tables = ctx.saved_tensors
-    dx, dweight = _norm_rope_backward_op(dy, x, weight, tables, ctx.eps)
-    return dx, dweight, None, None
+def _backward(ctx, dq, dk, dv):
+    qkv, q_weight, k_weight, tables = ctx.saved_tensors
+    dqkv, dwq, dwk = _qkv_norm_rope_backward_op(dq, dk, dv, qkv, q_weight, k_weight, tables, ctx.eps)
+    return dqkv, dwq, dwk, None, None
 
 
-_norm_rope_op.register_autograd(_backward, setup_context=_setup_context)
+_qkv_norm_rope_op.register_autograd(_backward, setup_context=_setup_context)
