@@ -95,6 +95,16 @@ def test_qkv_norm_rope_values_and_gradients_match_the_definition():
     assert torch.equal(out[2], qkv[:, :, 2]) and torch.equal(got[0][:, :, 2], grads[2])  # v as it is
 
 
+def test_qkv_norm_rope_of_a_single_position():
+    # There v is a contiguous view of qkv; the operation still returns a tensor of its own.
+    qkv, q_norm, k_norm, tables = qkv_inputs(B=1, T=1)
+    qkv = qkv.requires_grad_()
+    q, k, v = qkv_norm_rope(qkv, q_norm, k_norm, tables)
+    assert v.data_ptr() != qkv.data_ptr() and torch.equal(v, qkv[:, :, 2])
+    (q.sum() + k.sum() + v.sum()).backward()
+    assert torch.equal(qkv.grad[:, :, 2], torch.ones_like(v))
+
+
 def test_qkv_norm_rope_is_the_plain_expression_where_it_cannot_fuse():
     qkv, q_norm, k_norm, tables = qkv_inputs(head_dim=8)
     with plain_pytorch():

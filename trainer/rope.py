@@ -100,7 +100,7 @@ def qkv_norm_rope_reference(qkv, q_weight, k_weight, tables, eps: float):
     return (
         norm_rope_reference(q, q_weight, tables, eps),
         norm_rope_reference(k, k_weight, tables, eps),
-        v.contiguous(),
+        v.clone(memory_format=torch.contiguous_format),  # a new tensor even where v is contiguous
     )
 
 
