@@ -157,7 +157,7 @@ if triton is not None:
 
     @triton.jit
     def _qkv_norm_rope_forward_kernel(
-        qkv, weights, tables, q, k, v, n_rows, seq_len, n_heads, table_len, eps,
+        qkv, q_weight, k_weight, tables, q, k, v, n_rows, seq_len, n_heads, table_len, eps,
         D: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr,
     ):  # fmt: skip
         part = tl.program_id(1)
@@ -169,19 +169,20 @@ if triton is not None:
             tl.store(v + at_part, x, mask=mask)
         else:
             normed, _ = _normalized(x.to(tl.float32), mask, eps, D)
-            z = normed * tl.load(weights + part * D + cols, mask=cols < D, other=0.0)[None, :]
+            w = tl.load(tl.where(part == 0, q_weight, k_weight) + cols, mask=cols < D, other=0.0)
+            z = normed * w[None, :]
             cos, sin = _turn(tables, position % seq_len, cols, mask, table_len, D)
             out = (z * cos + _swap_pairs(z, ROWS, COLS) * sin).to(q.dtype.element_ty)
             tl.store(tl.where(part == 0, q, k) + at_part, out, mask=mask)
 
     @triton.jit
     def _qkv_norm_rope_backward_kernel(
-        qkv, weights, tables, dq, dk, dv, dqkv, dw_partial, n_rows, seq_len, n_heads, table_len, eps,
+        qkv, q_weight, k_weight, tables, dq, dk, dv, dqkv, dw_partial, n_rows, seq_len, n_heads, table_len, eps,
         D: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr,
     ):  # fmt: skip
         program, part = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, COLS)
-        w = tl.load(weights + (part % 2) * D + cols, mask=cols < D, other=0.0)[None, :]
+        w = tl.load(tl.where(part == 0, q_weight, k_weight) + cols, mask=cols < D, other=0.0)[None, :]
         dw = tl.zeros([COLS], dtype=tl.float32)
         for i in range(BLOCKS):
             cols, position, at_qkv, at_part, mask = _block_of(
@@ -222,8 +223,7 @@ def triton_qkv_norm_rope(qkv, q_weight, k_weight, tables, eps: float):
     q, k, v = (qkv.new_empty(B, T, heads, head_dim) for _ in range(3))
     shape = _launch_shape(qkv, tables, FORWARD_ROWS, FORWARD_WARPS)
     grid = (triton.cdiv(shape["n_rows"], FORWARD_ROWS), 3)
-    weights = torch.stack([q_weight, k_weight])
-    _qkv_norm_rope_forward_kernel[grid](qkv, weights, tables, q, k, v, eps=eps, **shape)
+    _qkv_norm_rope_forward_kernel[grid](qkv, q_weight, k_weight, tables, q, k, v, eps=eps, **shape)
     return q, k, v
 
 
@@ -235,9 +235,19 @@ def triton_qkv_norm_rope_backward(dq, dk, dv, qkv, q_weight, k_weight, tables, e
     shape = _launch_shape(qkv, tables, BACKWARD_ROWS, BACKWARD_WARPS)
     programs = triton.cdiv(shape["n_rows"], BACKWARD_ROWS * BACKWARD_BLOCKS)
     dw_partial = torch.empty(2, programs, qkv.shape[-1], dtype=torch.float32, device=qkv.device)
-    weights = torch.stack([q_weight, k_weight])
     _qkv_norm_rope_backward_kernel[(programs, 3)](
-        qkv, weights, tables, dq, dk, dv, dqkv, dw_partial, eps=eps, BLOCKS=BACKWARD_BLOCKS, **shape
+        qkv,
+        q_weight,
+        k_weight,
+        tables,
+        dq,
+        dk,
+        dv,
+        dqkv,
+        dw_partial,
+        eps=eps,
+        BLOCKS=BACKWARD_BLOCKS,
+        **shape,
     )
     return dqkv, dw_partial[0].sum(0).to(q_weight.dtype), dw_partial[1].sum(0).to(k_weight.dtype)
 
