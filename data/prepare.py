@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from collections.abc import Callable, Iterator
 from multiprocessing import Pool
@@ -26,7 +25,15 @@ from data import pretokenized
 from data.shardwriter import Progress, ShardWriter
 from data.sources import SourceError, demo_documents, python_identity, stream_dataset, stream_local
 from data.tokenizers import TokenizerError, load_tokenizer, padded_vocab
-from trainer.shards import ShardError, find_shards, open_shard, read_header
+from trainer.shards import (
+    MAX_TOKEN,
+    ShardError,
+    find_shards,
+    open_shard,
+    read_header,
+    read_meta,
+    verify_shards,
+)
 
 DOCS_PER_TASK = 64  # documents per task handed to a tokenizer worker
 TASKS_PER_WORKER = 8  # tasks in flight per worker
@@ -105,10 +112,11 @@ def tokenize_to_shards(
 
 
 def inspect(directory: Path, windows: int, window_tokens: int) -> None:
-    """Print shard statistics, check every header, and decode a few windows back to text."""
-    meta_path = directory / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    """Print shard statistics, check every shard (header, sha256 against meta.json, token ids
+    against the tokenizer's vocabulary), and decode a few windows back to text."""
+    meta = read_meta(directory) or {}
     paths = find_shards(directory, "*.bin")
+    verify_shards(paths, meta.get("vocab_size", MAX_TOKEN + 1))  # sha256 against meta.json, ids
     total = 0
     print(
         f"{directory}: tokenizer {meta.get('tokenizer', '?')}, vocab {meta.get('vocab_size', '?')}, source {meta.get('source', '?')}"
@@ -118,7 +126,8 @@ def inspect(directory: Path, windows: int, window_tokens: int) -> None:
         tokens = open_shard(path)
         sample = np.asarray(tokens[: min(count, 10_000_000)])
         total += count
-        print(f"  {path.name}: {count:,} tokens, ids {sample.min()}..{sample.max()}, header ok")
+        checked = "header ok, sha256 ok" if meta.get("shards") else "header ok"
+        print(f"  {path.name}: {count:,} tokens, ids {sample.min()}..{sample.max()}, {checked}")
     print(f"  {len(paths)} shards, {total:,} tokens")
     if "tokenizer" in meta:
         tok = load_tokenizer(meta["tokenizer"], meta.get("tokenizer_file"))

@@ -7,30 +7,18 @@ stream the next one starts (document index and tokens of that document already w
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from trainer.shards import ShardError, read_header, write_shard
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from trainer.shards import ShardError, read_header, read_meta, sha256, write_atomic, write_shard
 
 
 def write_meta(out: Path, meta: dict) -> None:
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "meta.json")
+    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
 
 
 class Progress:
@@ -83,9 +71,8 @@ class ShardWriter:
 
     def _load_previous(self, settings: dict) -> None:
         """Keep the complete shards of an earlier attempt with the same settings; drop the rest."""
-        meta_path = self.out / "meta.json"
-        if meta_path.exists():
-            old = json.loads(meta_path.read_text())
+        old = read_meta(self.out)
+        if old is not None:
             differing = [k for k in settings if old.get(k) != settings[k]]
             if old.get("shard_tokens") != self.shard_tokens or old.get("val_tokens") != self.val_tokens:
                 differing.append("shard size")
@@ -93,8 +80,10 @@ class ShardWriter:
                 raise ShardError(
                     f"{self.out} was prepared with other settings ({', '.join(differing)}); use another --out or delete it"
                 )
-            for shard in old["shards"]:
+            for shard in old.get("shards", []):
                 path = self.out / shard["file"]
+                if not all(isinstance(shard.get(k), int) for k in ("end_doc", "end_offset")):
+                    break  # no resume point recorded: redo from here
                 try:
                     if read_header(path) != shard["tokens"]:
                         break
@@ -102,7 +91,7 @@ class ShardWriter:
                     break
                 self.meta["shards"].append(shard)
             self.meta["complete"] = old.get("complete", False) and len(self.meta["shards"]) == len(
-                old["shards"]
+                old.get("shards", [])
             )
         kept = {s["file"] for s in self.meta["shards"]}
         for stray in self.out.glob(f"{self.dataset}_*.bin*"):

@@ -12,9 +12,19 @@ import pytest
 
 from conftest import run_module
 from data import prepare as prepare_module
+from data import pretokenized
 from data.shardwriter import ShardWriter
 from data.tokenizers import GPT2Tokenizer, load_tokenizer, padded_vocab
-from trainer.shards import ShardError, check_vocab, find_shards, open_shard
+from trainer.shards import (
+    HEADER_BYTES,
+    ShardError,
+    check_vocab,
+    find_shards,
+    open_shard,
+    sha256,
+    verify_shards,
+    write_shard,
+)
 
 DOCS = [
     f"Document {i}: the quick brown fox jumps over the lazy dog {i} times. Ünïcödé ✓." for i in range(300)
@@ -264,3 +274,65 @@ def test_unknown_input_is_a_clear_error(tmp_path):
         check=False,
     )
     assert result.returncode == 2 and "missing.txt: no such file" in result.stderr
+
+
+def test_corrupt_meta_json_is_named_by_prepare_and_inspect(tmp_path, capsys):
+    source = write_jsonl(tmp_path / "docs.jsonl", DOCS[:20])
+    out = tmp_path / "out"
+    args = ["text", str(source), "--out", str(out), "--tokenizer", "bytes", "--shard-tokens", "500",
+            "--val-tokens", "300", "--workers", "1"]  # fmt: skip
+    assert prepare_module.main(args) == 0
+    for text in ['{"shards": [', "[1, 2]", '{"shards": [{"file": 1}]}']:
+        (out / "meta.json").write_text(text)
+        capsys.readouterr()
+        assert prepare_module.main(args) == 2  # resuming reads meta.json
+        assert prepare_module.main(["inspect", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count(f"error: {out / 'meta.json'}: ") == 2 and "Traceback" not in err
+
+
+def test_inspect_checks_sha256_against_meta_json(tmp_path, capsys):
+    source = write_jsonl(tmp_path / "docs.jsonl", DOCS[:20])
+    out = tmp_path / "out"
+    args = [
+        "text",
+        str(source),
+        "--out",
+        str(out),
+        "--tokenizer",
+        "bytes",
+        "--val-tokens",
+        "300",
+        "--workers",
+        "1",
+    ]
+    assert prepare_module.main(args) == 0
+    path = out / "out_train_000001.bin"
+    tokens = np.array(open_shard(path))
+    tokens[5] = 97 if tokens[5] != 97 else 98
+    write_shard(path, tokens)  # a sound shard, but not the one prepared
+    assert prepare_module.main(["inspect", str(out)]) == 2
+    assert "out_train_000001.bin: sha256" in capsys.readouterr().err
+
+
+def test_pretokenized_refetches_a_shard_that_differs_from_meta_json(tmp_path, capsys):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    write_shard(mirror / "fineweb_val_000000.bin", np.arange(1000) % 50257)
+    write_shard(mirror / "fineweb_train_000001.bin", np.arange(2000) % 50257)
+    out = tmp_path / "fineweb"
+    meta = pretokenized.prepare(out, 1, from_dir=str(mirror))
+    verify_shards(find_shards(out, "*.bin"), 50304)  # what the trainer checks
+
+    damaged = out / "fineweb_train_000001.bin"
+    with open(damaged, "r+b") as f:  # tokens overwritten, header intact
+        f.seek(HEADER_BYTES + 100)
+        f.write(b"\x07\x00" * 8)
+    assert pretokenized.prepare(out, 1, from_dir=str(mirror)) == meta
+    assert "fineweb_train_000001.bin: sha256" in capsys.readouterr().err
+    assert sha256(damaged) == meta["shards"][1]["sha256"]  # fetched again
+
+    write_shard(damaged, np.arange(2000) % 7)
+    write_shard(mirror / "fineweb_train_000001.bin", np.arange(2000) % 7)  # the source changed
+    with pytest.raises(pretokenized.DownloadError, match="fineweb_train_000001.bin: the fetched copy"):
+        pretokenized.prepare(out, 1, from_dir=str(mirror))
