@@ -311,3 +311,41 @@ def test_training_curves_and_overlay(tmp_path):
     fig = make_figure("overlay", runs, exp, exp.comparison("c"), reference=reference)
     styles = sorted(line.get_linestyle() for line in fig.axes[0].lines)
     assert styles == ["-", "-", "--", "--"]  # ours solid, the reference dashed
+
+
+# --- degenerate grids ------------------------------------------------------------------------
+
+DEGENERATE = {  # a grid the schema allows: every figure and table is still written
+    "one lr": lambda runs: runs[runs["lr"] == 1e-2],
+    "one member": lambda runs: runs[runs["method"] == "baseline"],
+    "one run": lambda runs: runs[(runs["lr"] == 1e-2) & (runs["method"] == "baseline")],
+}
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_degenerate_grids_give_every_figure_and_table(tmp_path, capsys, case):
+    import yaml
+
+    from workflow.scripts import figures, tables
+
+    runs = DEGENERATE[case](
+        hand_runs({("baseline", None): [4.0, 3.0, 3.5], ("zloss", 1e-4): [4.0, 3.2, 3.1]})
+    )
+    runs = runs.assign(mu_norm=1.0, logit_mean=0.1, logit_std=1.0, logit_absmax=5.0)
+    write_runs(runs, tmp_path / "runs.csv")
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(hand_experiment().raw))
+    common = ["--runs", str(tmp_path / "runs.csv"), "--experiment", str(tmp_path / "experiment.yaml"),
+              "--comparison", "c"]  # fmt: skip
+    assert tables.main([*common, "--out-dir", str(tmp_path / "tables")]) == 0
+    assert len(list((tmp_path / "tables").glob("*.md"))) == 4
+    names = [n for n in figures.FIGURES if n not in ("train_loss", "overlay")]
+    assert figures.main([*common, "--out-dir", str(tmp_path / "fig"), "--only", *names, "--placeholder"]) == 0
+    written = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert written == sorted(f"{n}.{ext}" for n in names for ext in ("pdf", "png"))
+    one_lr = runs["lr"].nunique() == 1
+    reason = "lr_sensitivity: LR sensitivity needs at least two learning rates per scale"
+    assert (f"placeholder: c/{reason}" in capsys.readouterr().err) == one_lr
+    if one_lr:  # without --placeholder, a figure that cannot be drawn is an error that says why
+        assert figures.main([*common, "--out-dir", str(tmp_path / "strict"), "--only", "lr_sensitivity"]) == 2
+        assert f"error: c/{reason}" in capsys.readouterr().err
+        assert not (tmp_path / "strict").exists()

@@ -18,7 +18,6 @@ from data.tokenizers import GPT2Tokenizer, load_tokenizer, padded_vocab
 from trainer.shards import (
     HEADER_BYTES,
     ShardError,
-    check_vocab,
     find_shards,
     open_shard,
     sha256,
@@ -123,7 +122,7 @@ def test_text_round_trip_with_gpt2_on_jsonl(tmp_path, gpt2_ranks):
     assert decode_documents(out, GPT2Tokenizer(gpt2_ranks)) == DOCS
     assert stream_tokens(out, "val")[0] == 50256  # end-of-text before every document
     with pytest.raises(ShardError, match="smaller than the vocabulary"):
-        check_vocab(out, 320)
+        verify_shards(sorted(out.glob("*.bin")), 320)
 
 
 def test_fineweb_path_on_a_local_parquet_stream(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer.config import ModelConfig
-from trainer.model import GPT, swiglu_hidden
+from trainer.model import GPT, parameter_count, swiglu_hidden
 
 PAPER_SCALES = {  # layers, width, SwiGLU hidden, exact non-embedding parameters (PROTOCOL.md)
     "16M": (6, 224, 768, 4_304_384),
@@ -65,3 +65,33 @@ def test_model_is_causal():
     a, b = model(idx), model(changed)
     assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
     assert not torch.allclose(a[0, 10:], b[0, 10:])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"tied": True},
+        {"mlp": "gelu"},
+        {"mlp": "gelu", "tied": True, "qk_norm": False},
+        {"n_layer": 3, "n_embd": 48, "n_head": 6, "vocab_size": 100, "qk_norm": False},
+    ],
+)
+def test_parameter_count_from_the_config_is_the_built_model_s(kw):
+    cfg = tiny(**kw)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert parameter_count(cfg) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("scale", PAPER_SCALES)
+def test_parameter_count_of_the_paper_scales(scale):
+    n_layer, n_embd, _, non_embedding = PAPER_SCALES[scale]
+    assert parameter_count(ModelConfig(n_layer=n_layer, n_embd=n_embd)) == non_embedding + 2 * 50304 * n_embd
+
+
+def test_a_sequence_longer_than_seq_len_is_refused():
+    model = GPT(tiny())
+    model(torch.zeros(1, 16, dtype=torch.long))  # seq_len itself is fine
+    with pytest.raises(ValueError, match=r"^17 tokens per sequence: longer than model.seq_len=16$"):
+        model(torch.zeros(1, 17, dtype=torch.long))

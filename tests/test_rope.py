@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer import rope
 from trainer.fast_path import plain_pytorch
 from trainer.rope import apply_rope, qkv_norm_rope, rope_tables
 
@@ -195,3 +196,21 @@ def test_triton_kernels_against_the_definition():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kernel ok" in result.stdout
+
+
+def test_more_positions_than_the_tables_are_refused_on_every_path():
+    qkv, q_norm, k_norm, _ = qkv_inputs(T=5)
+    short = rope_tables(12, 0.5, 4)
+    message = r"^5 positions: longer than the RoPE tables \(4, model.seq_len\)$"
+    with pytest.raises(ValueError, match=message):
+        apply_rope(qkv[:, :, 0], short)
+    with pytest.raises(ValueError, match=message):
+        qkv_norm_rope(qkv, q_norm, k_norm, short)  # the fused operation
+    with plain_pytorch(), pytest.raises(ValueError, match=message):
+        qkv_norm_rope(qkv, q_norm, k_norm, short)
+    if rope.triton is not None:  # the kernels' own launch: refused before any launch, on any device
+        grads = sdpa_layout_gradients(qkv)
+        with pytest.raises(ValueError, match=message):
+            rope.triton_qkv_norm_rope(qkv, q_norm.weight, k_norm.weight, short, 1e-5)
+        with pytest.raises(ValueError, match=message):
+            rope.triton_qkv_norm_rope_backward(*grads, qkv, q_norm.weight, k_norm.weight, short, 1e-5)

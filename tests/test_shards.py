@@ -13,7 +13,6 @@ from trainer.shards import (
     ShardError,
     TrainBatches,
     ValidationSet,
-    check_vocab,
     open_shard,
     rank_rows,
     read_header,
@@ -90,13 +89,6 @@ def test_validation_windows_are_fixed_and_contiguous_across_shards(tmp_path):
     assert [f["tokens"] for f in val.identity()] == [50, 40]
     with pytest.raises(ShardError, match="6 validation windows of 16 tokens asked for"):
         val.require(6, "eval.batches")
-
-
-def test_model_vocab_smaller_than_tokenizer_is_refused(tmp_path):
-    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257}))
-    check_vocab(tmp_path, 50304)
-    with pytest.raises(ShardError, match="model.vocab_size: 320 is smaller"):
-        check_vocab(tmp_path, 320)
 
 
 def prepared(directory, shards: dict, vocab_size: int = 64):
@@ -190,7 +182,7 @@ def test_token_id_beyond_the_model_vocabulary_names_shard_and_id(tmp_path):
     verify_shards([path], 71)
     paths = prepared(tmp_path / "d", {"d_val_000000.bin": np.arange(300)}, vocab_size=300)
     with pytest.raises(ShardError, match="model.vocab_size: 256 is smaller than the vocabulary"):
-        verify_shards(paths, 256)  # the tokenizer's vocabulary from meta.json, as check_vocab
+        verify_shards(paths, 256)  # the tokenizer's vocabulary, from meta.json
 
 
 @pytest.mark.parametrize(
@@ -202,8 +194,6 @@ def test_corrupt_meta_json_is_an_error_naming_it(tmp_path, text):
     (tmp_path / "d" / "meta.json").write_text(text)
     with pytest.raises(ShardError, match=r"d/meta\.json: (unreadable|not a meta\.json of data\.prepare)"):
         verify_shards(paths, 128)
-    with pytest.raises(ShardError, match=r"d/meta\.json"):
-        check_vocab(tmp_path / "d", 128)
 
 
 def test_read_only_data_directory_caches_under_the_user_cache(tmp_path, monkeypatch):

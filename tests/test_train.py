@@ -13,7 +13,8 @@ import torch
 
 from conftest import REPO, child_env, run_module, run_trainer, tiny_config, write_config
 from trainer import train as train_module
-from trainer.config import config_from_dict
+from trainer.config import ConfigError, config_from_dict
+from trainer.distributed import process_group
 
 LOG_KEYS = {"step", "loss", "lr", "grad_norm", "mu_norm", "tokens_per_s", "elapsed_s"}
 TRAIN_JSON_KEYS = {
@@ -33,7 +34,7 @@ def read_rows(path):
 
 
 def final_weights(run_dir):
-    return torch.load(run_dir / "final.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "final.pt", weights_only=True)["model"]
 
 
 def assert_same_weights(a, b):
@@ -58,7 +59,7 @@ def test_a_run_writes_every_file_with_the_contract_keys(tmp_path, tiny_data):
     assert set(info) == TRAIN_JSON_KEYS
     assert info["status"] == "completed" and info["steps"] == 12 and info["tokens"] == 12 * 8 * 16
     assert info["train_time_s"] > 0 and info["versions"]["torch"] == torch.__version__
-    final = torch.load(run / "final.pt", weights_only=False)
+    final = torch.load(run / "final.pt", weights_only=True)
     assert final["status"] == "completed" and "lm_head.weight" in final["model"]
     assert [r["step"] for r in read_rows(run / "val.jsonl")] == [6, 12]
     assert len(list((run / "checkpoints").glob("step_*.pt"))) == 2  # keep_checkpoints
@@ -118,7 +119,7 @@ def test_stop_signal_saves_a_checkpoint_and_the_rerun_completes(tmp_path, tiny_d
     assert not (run / "final.pt").exists()
     checkpoints = list((run / "checkpoints").glob("step_*.pt"))
     assert len(checkpoints) == 1
-    stopped_at = torch.load(checkpoints[0], weights_only=False)["step"]
+    stopped_at = torch.load(checkpoints[0], weights_only=True)["step"]
     assert stopped_at >= 5
     result = run_trainer(cfg, run)
     assert f"resumed from {checkpoints[0]} at step {stopped_at}" in result.stdout
@@ -160,7 +161,7 @@ def test_bad_config_and_missing_data_are_clear_errors(tmp_path, tiny_data):
     assert result.returncode == 2 and "no shard matches" in result.stderr
 
 
-def test_injected_nan_ends_the_run_as_diverged(tmp_path, tiny_data, monkeypatch):
+def test_injected_nan_ends_the_run_as_diverged(tmp_path, tiny_data, monkeypatch, in_process):
     run = tmp_path / "run"
     cfg = config_from_dict(tiny_config(tiny_data, train={"steps": 20, "checkpoint_every": 1, "log_every": 5}))
     original = train_module.Run.train_step
@@ -178,10 +179,10 @@ def test_injected_nan_ends_the_run_as_diverged(tmp_path, tiny_data, monkeypatch)
     info = json.loads((run / "train.json").read_text())
     assert info["status"] == "diverged"
     assert info["steps"] == 8
-    final = torch.load(run / "final.pt", weights_only=False)
+    final = torch.load(run / "final.pt", weights_only=True)
     assert final["status"] == "diverged" and final["model"] is None
     for path in (run / "checkpoints").glob("step_*.pt"):
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)
         assert state["step"] <= 7
         assert all(torch.isfinite(v).all() for v in state["model"].values())
     # a diverged run is finished: re-running does nothing
@@ -201,7 +202,7 @@ def test_diverged_run_from_the_cli_exits_zero_without_traceback(tmp_path, tiny_d
     assert result.returncode == 0 and "Traceback" not in result.stderr
     assert info["status"] == "diverged" and info["steps"] < 30
     assert not math.isfinite(read_rows(run / "train.jsonl")[-1]["loss"])
-    assert torch.load(run / "final.pt", weights_only=False)["model"] is None
+    assert torch.load(run / "final.pt", weights_only=True)["model"] is None
 
 
 def test_two_gloo_processes_match_one_process(tmp_path, tiny_data):
@@ -241,3 +242,95 @@ def test_every_method_trains_tied_and_untied(tmp_path, tiny_data, method):
         assert all(math.isfinite(r["loss"]) for r in rows)
         if method["name"] == "mucentering":
             assert all(r["mu_norm"] < 1e-5 for r in rows)
+
+
+@pytest.fixture
+def in_process():
+    """Training in this process: one thread (as the subprocess runs; fast on a busy CI machine),
+    and pytest gets its signal handlers back from the trainer's."""
+    threads = torch.get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in train_module.STOP_SIGNALS}
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, tiny_data, in_process):
+    run = tmp_path / "run"
+    cfg = config_from_dict(tiny_config(tiny_data, train={"eval_every": 6, "eval_batches": 2}))
+    assert train_module.train(cfg, run) == 0
+    (run / "final.pt").unlink()
+    (run / "train.json").unlink()
+    for name in ("train.jsonl", "val.jsonl"):  # what a kill or a full disk leaves mid-write
+        with open(run / name, "a") as f:
+            f.write('{"step": 13, "loss": 3.1')
+    assert train_module.train(cfg, run) == 0
+    assert [r["step"] for r in read_rows(run / "train.jsonl")] == list(range(1, 13))
+    assert [r["step"] for r in read_rows(run / "val.jsonl")] == [6, 12]
+
+
+def test_sigkill_before_the_first_checkpoint_then_rerun_logs_each_step_once(tmp_path, tiny_data):
+    steps = 200
+    run = tmp_path / "run"
+    cfg = write_config(
+        run / "config.yaml", tiny_config(tiny_data, train={"steps": steps, "checkpoint_every": 0})
+    )
+    cmd = [sys.executable, "-m", "trainer.train", "--config", str(cfg), "--out", str(run)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = run / "train.jsonl"
+    while proc.poll() is None:
+        if log.exists() and sum(1 for _ in log.open()) >= 10:
+            proc.kill()
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    assert not (run / "checkpoints").exists()
+    killed_time = read_rows(log)[-1]["elapsed_s"]
+    result = run_trainer(cfg, run)
+    assert "resumed" not in result.stdout
+    assert [r["step"] for r in read_rows(log)] == list(range(1, steps + 1))
+    assert json.loads((run / "train.json").read_text())["train_time_s"] >= killed_time
+
+
+def test_a_kill_before_the_first_new_log_row_loses_no_training_time(tmp_path, tiny_data, in_process):
+    run = tmp_path / "run"
+    run.mkdir()
+    earlier = [{"step": s, "loss": 3.0, "elapsed_s": 1000.0 + s} for s in (1, 2, 3)]  # no checkpoint
+    (run / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier))
+    cfg = config_from_dict(tiny_config(tiny_data))
+    with process_group() as d:
+        train_module.Run(cfg, run, d)  # starts, and is killed before it logs a row
+    assert not (run / "train.jsonl").exists()  # a fresh start logs from scratch
+    assert train_module.train(cfg, run) == 0
+    assert [r["step"] for r in read_rows(run / "train.jsonl")] == list(range(1, 13))
+    assert json.loads((run / "train.json").read_text())["train_time_s"] >= 1003.0
+
+
+def test_an_lr_that_overflows_float32_ends_the_run_as_diverged(tmp_path, tiny_data, in_process):
+    run = tmp_path / "run"
+    cfg = config_from_dict(tiny_config(tiny_data, optim={"lr": 1e39, "min_lr": 0}))  # inf in float32
+    assert train_module.train(cfg, run) == 0
+    info = json.loads((run / "train.json").read_text())
+    assert info["status"] == "diverged" and info["steps"] == 0
+    assert torch.load(run / "final.pt", weights_only=True)["model"] is None
+
+
+def test_a_model_that_cannot_fit_the_memory_is_refused_before_allocating(tmp_path, tiny_data, capsys):
+    model = {"n_layer": 1024, "n_embd": 16384, "n_head": 128}  # within each key's range: 3.3T parameters
+    cfg = write_config(tmp_path / "run" / "config.yaml", tiny_config(tiny_data, model=model))
+    assert train_module.main(["--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model: needs about 52,940.3 GB (3,302,865,780,736 parameters")
+    assert "GB of device cpu" in err and err.count("\n") == 1
+
+
+def test_memory_estimate_counts_weights_optimizer_and_activations(tiny_data):
+    cfg = config_from_dict(tiny_config(tiny_data))
+    n_params, micro = 1000, 4
+    need = 16 * n_params + micro * 16 * train_module.activation_bytes_per_token(cfg)
+    train_module.check_memory(cfg, n_params, micro, need, "a device of exactly that size")
+    with pytest.raises(ConfigError, match="more than the 0.0 GB of a smaller one"):
+        train_module.check_memory(cfg, n_params, micro, need - 1, "a smaller one")

@@ -1,5 +1,6 @@
 """The Snakemake workflow: dry-run counts, the demo end to end, rerun triggers, resume, bad input."""
 
+import math
 import os
 import re
 import shutil
@@ -276,6 +277,42 @@ BAD = {
         lambda c: c["protocol"]["optim"].update(warmup=-5),
         "optim.warmup: -5 is out of range",
     ),
+    # hostile names (issue 15): shell code, and paths out of the project, never reach a job
+    "comparison with shell code": (
+        lambda c: c["comparisons"].update({"x;touch pwned;y": ["baseline"]}),
+        "comparisons: 'x;touch pwned;y' is not a safe name",
+    ),
+    "comparison with a command substitution": (
+        lambda c: c["comparisons"].update({"x$(touch pwned)": ["baseline"]}),
+        "comparisons: 'x$(touch pwned)' is not a safe name",
+    ),
+    "comparison out of the project": (
+        lambda c: c["comparisons"].update({"../../../../escaped": ["baseline"]}),
+        "comparisons: '../../../../escaped' is not a safe name",
+    ),
+    "experiment '..'": (lambda c: c.update(experiment=".."), "experiment: '..' is not a safe name"),
+    "scale '..'": (
+        lambda c: c["scales"].update({"..": c["scales"]["tiny"]}),
+        "scales: '..' is not a safe name",
+    ),
+    "dataset with a slash": (
+        lambda c: c["data"].update(dataset="../x"),
+        "data.dataset: '../x' is not a safe name",
+    ),
+    "published file out of resources/": (
+        lambda c: c.update(
+            published=[{"file": "v1/../../x.csv", "url": "https://x.org/x.csv", "sha256": "0" * 64}]
+        ),
+        "published[0].file: 'v1/../../x.csv' is not a safe path",
+    ),
+    "lr that gives no run id": (
+        lambda c: c["grids"][0].update(lrs=[math.inf]),
+        "run id 'tiny-baseline-lrinf-s1'",
+    ),
+    "prepare args with an open quote": (
+        lambda c: c["data"]["prepare"].update(args="--train-shards '1"),
+        "data.prepare.args: No closing quotation",
+    ),
 }
 
 
@@ -284,8 +321,12 @@ def test_bad_experiment_files_fail_before_any_job(tmp_path, case):
     change, message = BAD[case]
     configfile = tmp_path / "bad.yaml"
     configfile.write_text(yaml.safe_dump(with_change(change), sort_keys=False))
-    result = snakemake("-n", "--configfile", str(configfile), cwd=tmp_path, check=False)
+    work = tmp_path / "work"  # names with ../ would land in tmp_path, never further out
+    work.mkdir()
+    result = snakemake("-n", "--configfile", str(configfile), cwd=work, check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert message in output, output[-3000:]
     assert "Job stats" not in output
+    written = {p.relative_to(tmp_path).parts[:2] for p in tmp_path.rglob("*")}
+    assert written <= {("bad.yaml",), ("work",), ("work", ".snakemake")}, written

@@ -28,9 +28,15 @@ class ConfigError(ValueError):
     """A run config that cannot be trained: the message names the offending key."""
 
 
-def _key(default=dataclasses.MISSING, *, lo=None, hi=None, lo_open=False, choices=None):
+# Upper bounds: far above any model of the paper, low enough that a typo (n_layer: 1000000) is
+# refused by the loader instead of allocating until the machine gives up.
+MAX_VOCAB = 2**16  # shards hold uint16 token ids: a larger vocabulary has rows no token uses
+MAX_STEPS = 10**8 - 1  # checkpoint file names have 8 digits
+
+
+def _key(default=dataclasses.MISSING, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None):
     """A dataclass field with its validation rules attached as metadata."""
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -38,11 +44,11 @@ def _key(default=dataclasses.MISSING, *, lo=None, hi=None, lo_open=False, choice
 
 @dataclass
 class ModelConfig:
-    n_layer: int = _key(6, lo=1)
-    n_head: int = _key(4, lo=1)
-    n_embd: int = _key(224, lo=1)
-    vocab_size: int = _key(50304, lo=2)  # padded vocabulary: rows of E
-    seq_len: int = _key(2048, lo=1)
+    n_layer: int = _key(6, lo=1, hi=1024)
+    n_head: int = _key(4, lo=1, hi=1024)
+    n_embd: int = _key(224, lo=1, hi=65536)
+    vocab_size: int = _key(50304, lo=2, hi=MAX_VOCAB)  # padded vocabulary: rows of E
+    seq_len: int = _key(2048, lo=1, hi=2**20)
     tied: bool = _key(False)
     qk_norm: bool = _key(True)
     rope_fraction: float = _key(0.5, lo=0.0, hi=1.0)
@@ -62,8 +68,8 @@ class MethodConfig:
 class OptimConfig:
     lr: float = _key(1e-3, lo=0.0, lo_open=True)
     min_lr: float = _key(1e-5, lo=0.0)
-    beta1: float = _key(0.9, lo=0.0, hi=1.0)
-    beta2: float = _key(0.95, lo=0.0, hi=1.0)
+    beta1: float = _key(0.9, lo=0.0, hi=1.0, hi_open=True)  # AdamW refuses 1
+    beta2: float = _key(0.95, lo=0.0, hi=1.0, hi_open=True)
     eps: float = _key(1e-8, lo=0.0, lo_open=True)
     weight_decay: float = _key(0.0, lo=0.0)
     independent_wd: bool = _key(False)
@@ -74,8 +80,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _key(100_000, lo=1)
-    batch_size: int = _key(64, lo=1)  # global, in sequences
+    steps: int = _key(100_000, lo=1, hi=MAX_STEPS)
+    batch_size: int = _key(64, lo=1, hi=2**20)  # global, in sequences
     micro_batch: int | str = _key("auto")  # sequences per forward pass and rank, or "auto"
     dtype: str = _key("bfloat16", choices=DTYPES)
     compile: bool = _key(False)
@@ -90,7 +96,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batches: int = _key(2000, lo=1)  # validation micro-batches for test_loss
-    micro_batch: int = _key(16, lo=1)
+    micro_batch: int = _key(16, lo=1, hi=2**16)
     logit_batches: int = _key(4, lo=1)  # micro-batches for the logit statistics
 
 
@@ -111,7 +117,7 @@ class WandbConfig:
 class RunConfig:
     run: str = _key()
     data: DataConfig = _key()
-    seed: int = _key(1, lo=0)
+    seed: int = _key(1, lo=0, hi=2**63 - 1)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -123,16 +129,29 @@ class RunConfig:
         return _to_plain(self)
 
     def resume_hash(self) -> str:
-        """Hash of every value that changes the math; a checkpoint is only resumed under the same hash."""
-        plain = self.to_dict()
-        for dotted in RESUME_NEUTRAL_KEYS:
-            section, _, key = dotted.partition(".")
-            if key:
-                plain[section].pop(key, None)
-            else:
-                plain.pop(section, None)
-        text = json.dumps(plain, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Hash of the values that change the math and differ from their defaults; a checkpoint
+        is only resumed under one of resume_hashes().
+
+        A key added with a default leaves every existing hash unchanged, so runs in progress stay
+        resumable. The flip side: never change the default of a math key (runs relying on it
+        would resume under other math with the same hash); add a key instead.
+        """
+        return _digest({key: value for key, value, default in _math_values(self) if value != default})
+
+    def legacy_resume_hash(self) -> str:
+        """The hash checkpoints recorded before resume_hash() left defaults out: every math key of
+        that time (LEGACY_HASH_KEYS) in nested sections, and any later key only where it differs
+        from its default, so that a later key set away from its default still changes it."""
+        nested: dict[str, Any] = {}
+        for key, value, default in _math_values(self):
+            if key in LEGACY_HASH_KEYS or value != default:
+                section, _, name = key.rpartition(".")
+                (nested.setdefault(section, {}) if section else nested)[name] = value
+        return _digest(nested)
+
+    def resume_hashes(self) -> tuple[str, str]:
+        """The hashes a checkpoint of this run may carry: today's, and the legacy one."""
+        return self.resume_hash(), self.legacy_resume_hash()
 
 
 # Keys that may change between attempts of one run without changing what it computes.
@@ -150,6 +169,47 @@ RESUME_NEUTRAL_KEYS = (
     "eval",
     "wandb",
 )
+
+# The math keys when the resume hash covered every key, defaults included (legacy_resume_hash).
+# Frozen: a key added since is not listed here.
+LEGACY_HASH_KEYS = frozenset(
+    """
+    seed data.train_pattern data.val_pattern
+    model.n_layer model.n_head model.n_embd model.vocab_size model.seq_len model.tied model.qk_norm
+    model.rope_fraction model.mlp model.init method.name method.lambda method.cap
+    optim.lr optim.min_lr optim.beta1 optim.beta2 optim.eps optim.weight_decay optim.independent_wd
+    optim.grad_clip optim.warmup optim.schedule train.steps train.batch_size train.dtype
+    """.split()
+)
+
+
+def _math_values(cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value, default) of every key not in RESUME_NEUTRAL_KEYS; a required key's
+    default is MISSING, so it always counts as set."""
+    found = []
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(value):
+            keys = [
+                (f"{section.name}.{_yaml_name(f)}", getattr(value, f.name), f)
+                for f in dataclasses.fields(value)
+            ]
+        else:
+            keys = [(_yaml_name(section), value, section)]
+        for key, v, f in keys:
+            if key not in RESUME_NEUTRAL_KEYS and key.partition(".")[0] not in RESUME_NEUTRAL_KEYS:
+                found.append((key, _to_plain(v), _default(f)))
+    return found
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return _to_plain(f.default_factory())
+    return f.default
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _yaml_name(f: dataclasses.Field) -> str:
@@ -195,8 +255,9 @@ def _check_value(where: str, value: Any, f: dataclasses.Field) -> Any:
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
         bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
         raise ConfigError(f"{where}: {value!r} is out of range (must be {bound})")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{where}: {value!r} is out of range (must be <= {hi})")
+    if hi is not None and (value > hi or (meta.get("hi_open") and value == hi)):
+        bound = f"< {hi}" if meta.get("hi_open") else f"<= {hi}"
+        raise ConfigError(f"{where}: {value!r} is out of range (must be {bound})")
     return value
 
 

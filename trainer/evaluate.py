@@ -24,8 +24,8 @@ from trainer.distributed import Dist, process_group
 from trainer.methods import build_method
 from trainer.metrics import GEOMETRY, HIDDEN, LOGIT_STATS, LogitStatistics, embedding_geometry
 from trainer.model import GPT
-from trainer.shards import ShardError, ValidationSet, find_shards, to_device
-from trainer.train import autocast_dtype, write_json
+from trainer.shards import ShardError, ValidationSet, to_device
+from trainer.train import autocast_dtype, verified_shards, write_json
 from trainer.validation import my_micro_batches, validation_loss
 
 METRICS = ("test_loss", *GEOMETRY, *LOGIT_STATS, *HIDDEN)
@@ -36,16 +36,21 @@ def eval_path(run_dir: Path, step: int | None) -> Path:
     return run_dir / ("eval.json" if step is None else f"eval_step{step}.json")
 
 
-def load_weights(run_dir: Path, step: int | None) -> tuple[dict | None, int, str]:
-    """(state dict or None for a diverged run, step, status) of final.pt or a kept checkpoint."""
+def load_weights(run_dir: Path, step: int | None) -> tuple[dict | None, int, str, Path]:
+    """(state dict or None for a diverged run, step, status, file) of final.pt or a kept
+    checkpoint, verified by checkpoint.load (never unpickles code, checks the checksum)."""
     if step is None:
-        state = checkpoint.load(run_dir / "final.pt")
-        return state["model"], state["step"], state.get("status", "completed")
+        path = run_dir / "final.pt"
+        state = checkpoint.load(path)
+        with checkpoint.misfit_is_an_error(path):
+            return state["model"], int(state["step"]), state.get("status", "completed"), path
     kept = dict(checkpoint.list_checkpoints(run_dir / "checkpoints"))
     if step not in kept:
         listing = ", ".join(str(s) for s in sorted(kept)) or "none"
         raise CheckpointError(f"{run_dir}: no checkpoint of step {step} is kept (kept steps: {listing})")
-    return checkpoint.load(kept[step])["model"], step, "completed"
+    state = checkpoint.load(kept[step])
+    with checkpoint.misfit_is_an_error(kept[step]):
+        return state["model"], step, "completed", kept[step]
 
 
 @torch.no_grad()
@@ -64,7 +69,7 @@ def logit_statistics(model: GPT, windows: ValidationSet, cfg: RunConfig, d: Dist
 def evaluate(run_dir: Path, step: int | None = None) -> dict:
     """Compute every metric of one run; returns the eval.json content (written by rank 0)."""
     cfg = load_config(run_dir / "config.yaml")
-    weights, evaluated_step, status = load_weights(run_dir, step)
+    weights, evaluated_step, status, path = load_weights(run_dir, step)
     started = time.perf_counter()
     provenance = {"run": cfg.run, "step": evaluated_step, "status": status}
     if weights is None:  # diverged: nothing to evaluate, but the run still gets its row
@@ -73,10 +78,11 @@ def evaluate(run_dir: Path, step: int | None = None) -> dict:
         return {**provenance, **nan_metrics, "tokens_evaluated": 0, "wall_s": 0.0, "is_main": main_rank}
     with process_group() as d:
         model = GPT(cfg.model, build_method(cfg.method)).to(d.device)
-        model.load_state_dict(weights)
+        with checkpoint.misfit_is_an_error(path):
+            model.load_state_dict(weights)
         model.eval()
         amp = autocast_dtype(cfg, d.device)
-        windows = ValidationSet(find_shards(cfg.data.dir, cfg.data.val_pattern), cfg.model.seq_len)
+        windows = ValidationSet(verified_shards(cfg, d, cfg.data.val_pattern), cfg.model.seq_len)
         windows.require(cfg.eval.batches * cfg.eval.micro_batch, "eval.batches x eval.micro_batch")
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run)
     try:
         result = evaluate(run_dir, args.step)
-    except (ConfigError, ShardError, CheckpointError) as err:
+    except (ConfigError, ShardError, CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     if result.pop("is_main", True):

@@ -22,6 +22,15 @@ def swiglu_hidden(n_embd: int) -> int:
     return 256 * math.ceil(int(8 * n_embd / 3) / 256)
 
 
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of GPT(cfg), counted from the config (a shared matrix once), without building it."""
+    H, V = cfg.n_embd, cfg.vocab_size
+    mlp = 3 * H * swiglu_hidden(H) if cfg.mlp == "swiglu" else 2 * H * 4 * H
+    qk_norm = 2 * (H // cfg.n_head) if cfg.qk_norm else 0
+    block = 2 * H + 4 * H * H + qk_norm + mlp  # two LayerNorms, qkv and proj, QK-norm, MLP
+    return cfg.n_layer * block + H + V * H * (1 if cfg.tied else 2)  # + ln_f, wte, lm_head
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -121,6 +130,10 @@ class GPT(nn.Module):
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """h after the final LayerNorm, (B, T, H)."""
+        if idx.shape[1] > self.cfg.seq_len:  # RoPE has no position past seq_len
+            raise ValueError(
+                f"{idx.shape[1]} tokens per sequence: longer than model.seq_len={self.cfg.seq_len}"
+            )
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x, self.rope)

@@ -49,9 +49,19 @@ def rope_tables(head_dim: int, rope_fraction: float, seq_len: int) -> torch.Tens
     return tables.float()
 
 
+def check_positions(positions: int, tables: torch.Tensor) -> None:
+    """Refuse more positions than the tables have: slicing would silently shorten them, and the
+    kernels would read past their end. A check on shapes only (no device sync)."""
+    if positions > tables.shape[1]:
+        raise ValueError(
+            f"{positions} positions: longer than the RoPE tables ({tables.shape[1]}, model.seq_len)"
+        )
+
+
 def apply_rope(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """x: (B, T, heads, head_dim). One elementwise expression (no slicing, stacking or
     concatenation of the pairs, which costs extra passes over q and k on the GPU)."""
+    check_positions(x.shape[-3], tables)
     cos, sin_next, sin_prev = tables[:, : x.shape[-3], None]
     x32 = x.float()
     return (x32 * cos + x32.roll(-1, dims=-1) * sin_next + x32.roll(1, dims=-1) * sin_prev).type_as(x)
@@ -209,6 +219,7 @@ if triton is not None:
 def _launch_shape(qkv: torch.Tensor, tables: torch.Tensor, rows: int, warps: int) -> dict:
     B, T, three, heads, head_dim = qkv.shape
     assert three == 3 and tables.is_contiguous() and tables.shape[0] == 3 and tables.shape[2] == head_dim
+    check_positions(T, tables)  # every launch: the kernels read table rows 0..T-1, unbounded
     return dict(
         n_rows=B * T * heads, seq_len=T, n_heads=heads, table_len=tables.shape[1],
         D=head_dim, COLS=triton.next_power_of_2(head_dim), ROWS=rows, num_warps=warps,

@@ -139,11 +139,6 @@ def _check_tokenizer_vocab(meta: dict | None, directory: Path, vocab_size: int) 
         )
 
 
-def check_vocab(directory: str | Path, vocab_size: int) -> None:
-    """Refuse a model whose vocabulary is smaller than the tokenizer's that wrote the shards."""
-    _check_tokenizer_vocab(read_meta(directory), Path(directory), vocab_size)
-
-
 def _cache_files(directory: Path) -> list[Path]:
     """Where verify_shards keeps its cache, preferred first: the data directory, else (a read-only
     shared dataset) the user's cache directory, keyed by the data directory's absolute path."""

@@ -1,8 +1,9 @@
 """Train one run: `python -m trainer.train --config RUN/config.yaml --out RUN` (also under torchrun).
 
 Re-running the same command resumes from the newest complete checkpoint; a finished run exits
-at once. SIGUSR1, SIGUSR2, SIGTERM and SIGINT save a checkpoint and exit non-zero. A non-finite loss
-ends the run with status `diverged` and exit code 0.
+at once. SIGUSR1, SIGUSR2, SIGTERM and SIGINT save a checkpoint and exit non-zero. A non-finite loss,
+or a learning rate that overflows the weights' dtype, ends the run with status `diverged` and exit
+code 0. A model that cannot fit the device's memory is refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -28,16 +29,16 @@ from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig, load_config, micro_batch_size
 from trainer.distributed import Dist, process_group
 from trainer.methods import build_method
-from trainer.model import GPT
+from trainer.model import GPT, parameter_count
 from trainer.optim import build_optimizer, learning_rate, set_learning_rate
 from trainer.shards import (
     ShardError,
     TrainBatches,
     ValidationSet,
-    check_vocab,
     find_shards,
     rank_rows,
     to_device,
+    verify_shards,
 )
 from trainer.validation import validation_loss
 
@@ -52,6 +53,8 @@ GPU_MEMORY_SHARE = 0.8
 ACTIVATION_BYTES = 44
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)  # INT: Ctrl-C
 FINISHED = ("completed", "diverged")
+LOGS = ("train.jsonl", "val.jsonl")
+ATTEMPTS = "attempts.json"  # training seconds of the earlier attempts, also those without a checkpoint
 
 
 def read_status(out: Path) -> str | None:
@@ -62,9 +65,40 @@ def read_status(out: Path) -> str | None:
 
 
 def write_json(path: Path, obj: dict) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically: a temporary name, then renamed; a failed write leaves no temporary behind."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_log(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of a JSONL log; a torn line (a kill or a full disk mid-write) or any other
+    line that is not a row with an integer step is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and type(row.get("step")) is int:
+            rows.append((line, row))
+    return rows
+
+
+def seconds(value) -> float:
+    """A duration read back from a log or file; anything else counts as 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else 0.0
 
 
 def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
@@ -74,12 +108,36 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def activation_bytes_per_token(cfg: RunConfig) -> int:
+    m = cfg.model
+    return ACTIVATION_BYTES * m.n_layer * m.n_embd + 2 * m.vocab_size
+
+
 def micro_tokens_for_memory(cfg: RunConfig, gpu_memory: int, n_params: int) -> int:
     """The token cap of micro_batch "auto" on a GPU of gpu_memory bytes (see GPU_MEMORY_SHARE)."""
-    m = cfg.model
-    per_token = ACTIVATION_BYTES * m.n_layer * m.n_embd + 2 * m.vocab_size
     budget = GPU_MEMORY_SHARE * gpu_memory - 16 * n_params
-    return max(m.seq_len, int(budget // per_token))
+    return max(cfg.model.seq_len, int(budget // activation_bytes_per_token(cfg)))
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of the GPU, or of the machine's physical memory for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: RunConfig, n_params: int, micro: int, available: int, where: str) -> None:
+    """Refuse, before allocating, a run that cannot fit: 16 bytes per parameter (weights,
+    gradients, AdamW's two moments) and the activations of one micro-batch (ACTIVATION_BYTES).
+    An estimate from below (bf16, compiled): what it refuses surely does not fit."""
+    weights = 16 * n_params
+    activations = micro * cfg.model.seq_len * activation_bytes_per_token(cfg)
+    if weights + activations > available:
+        raise ConfigError(
+            f"model: needs about {(weights + activations) / 1e9:,.1f} GB ({n_params:,} parameters: "
+            f"{weights / 1e9:,.1f} GB; activations of {micro} x {cfg.model.seq_len} tokens: "
+            f"{activations / 1e9:,.1f} GB), more than the {available / 1e9:,.1f} GB of {where}"
+        )
 
 
 def auto_micro_tokens(cfg: RunConfig, device: torch.device, n_params: int) -> int:
@@ -132,6 +190,24 @@ def format_eta(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
+def verified_shards(cfg: RunConfig, d: Dist, pattern: str) -> list[Path]:
+    """The shards of data.dir matching pattern, checked by verify_shards on the main rank while the
+    others wait (the first check of a dataset reads every byte: once, not once per rank)."""
+    paths = find_shards(cfg.data.dir, pattern)
+    problem = None
+    if d.is_main:
+        try:
+            verify_shards(paths, cfg.model.vocab_size)
+        except ShardError as err:
+            problem = err
+    (refused,) = d.all_agree(problem is not None)
+    if problem is not None:
+        raise problem
+    if refused:
+        raise ShardError(f"{cfg.data.dir}: rank 0 refused the shards (its log says why)")
+    return paths
+
+
 class Run:
     """The state of one training attempt: model, optimizer, data and bookkeeping."""
 
@@ -139,7 +215,10 @@ class Run:
         self.cfg, self.out, self.d = cfg, out, d
         self.restart_on_change = restart_on_change
         self.ckpt_dir = out / "checkpoints"
-        check_vocab(cfg.data.dir, cfg.model.vocab_size)
+        train_shards = verified_shards(cfg, d, cfg.data.train_pattern)
+        n_params = parameter_count(cfg.model)
+        self.micro = micro_batch_size(cfg, d.world_size, auto_micro_tokens(cfg, d.device, n_params))
+        check_memory(cfg, n_params, self.micro, device_memory(d.device), f"device {d.device}")
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model, build_method(cfg.method)).to(d.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, d.device)
@@ -153,17 +232,15 @@ class Run:
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.batches = TrainBatches(
-            find_shards(cfg.data.dir, cfg.data.train_pattern),
+            train_shards,
             cfg.model.seq_len,
             cfg.train.batch_size,
             cfg.seed,
         )
-        n_params = sum(p.numel() for p in self.params)
-        self.micro = micro_batch_size(cfg, d.world_size, auto_micro_tokens(cfg, d.device, n_params))
         self.per_rank = cfg.train.batch_size // d.world_size
         self.val_windows = None
         if cfg.train.eval_every:
-            val = ValidationSet(find_shards(cfg.data.dir, cfg.data.val_pattern), cfg.model.seq_len)
+            val = ValidationSet(verified_shards(cfg, d, cfg.data.val_pattern), cfg.model.seq_len)
             val.require(cfg.train.eval_batches * cfg.eval.micro_batch, "train.eval_batches")
             self.val_windows = val
         self.stop_signal: int | None = None
@@ -172,47 +249,79 @@ class Run:
     # --- checkpoints -------------------------------------------------------------------------
 
     def resume(self) -> None:
+        """Continue from the newest usable checkpoint, or start afresh; either way the logs keep
+        the rows of the steps trained so far only, and no training time is lost."""
         found = checkpoint.newest(self.ckpt_dir)
-        if found is None:
-            return
-        state, path = found
-        if state["config_hash"] != self.cfg.resume_hash() and self.restart_on_change:
-            if self.d.is_main:
-                print(f"{path}: made with a different run config; starting afresh", flush=True)
-                self.discard_attempts()
-            self.d.barrier()
-            return
-        if state["config_hash"] != self.cfg.resume_hash():
+        if found is not None and not self.same_config(*found):
+            found = None  # discarded: a fresh start
+        if found is not None:
+            self.restore(*found)
+        if self.d.is_main:
+            self.continue_logs(seconds(found[0].get("train_time_s")) if found else 0.0)
+
+    def same_config(self, state: dict, path: Path) -> bool:
+        """Whether the checkpoint belongs to this config (today's or the legacy hash); a changed
+        config is refused, or its checkpoints and logs discarded with restart_on_change."""
+        if state.get("config_hash") in self.cfg.resume_hashes():
+            return True
+        if not self.restart_on_change:
             raise CheckpointError(
-                f"{path}: made with a different run config (hash {state['config_hash']}, now "
+                f"{path}: made with a different run config (hash {state.get('config_hash')}, now "
                 f"{self.cfg.resume_hash()}); delete {self.ckpt_dir} to start this run afresh"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        self.time_before = state["train_time_s"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.d.is_main:
+            print(f"{path}: made with a different run config; starting afresh", flush=True)
+            self.discard_attempts()
+        self.d.barrier()
+        return False
+
+    def restore(self, state: dict, path: Path) -> None:
+        with checkpoint.misfit_is_an_error(path):
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if self.d.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
-            self.truncate_log()
 
     def discard_attempts(self) -> None:
-        """Remove the checkpoints and logs of a run whose config has changed since."""
+        """Remove the checkpoints, logs and time of a run whose config has changed since."""
         for _, path in checkpoint.list_checkpoints(self.ckpt_dir):
             path.unlink()
-        for name in ("train.jsonl", "val.jsonl"):
+        for name in (*LOGS, ATTEMPTS):
             (self.out / name).unlink(missing_ok=True)
 
-    def truncate_log(self) -> None:
-        """Drop log rows of steps after the checkpoint: they will be trained again."""
-        for name in ("train.jsonl", "val.jsonl"):
+    def continue_logs(self, checkpoint_time: float) -> None:
+        """Count the training time of every earlier attempt, then drop the log rows of steps
+        after self.step (all of them on a fresh start): they will be trained, and logged, again.
+
+        An attempt killed after its last checkpoint (or before its first) has its time only in
+        its log rows, so that time is saved to ATTEMPTS before the rows go.
+        """
+        try:
+            saved = seconds(json.loads((self.out / ATTEMPTS).read_text()).get("train_time_s"))
+        except (OSError, ValueError, AttributeError):
+            saved = 0.0  # none yet, or damaged: the logs and the checkpoint still count
+        logged = (seconds(row.get("elapsed_s")) for _, row in read_log(self.out / "train.jsonl"))
+        self.time_before = max(checkpoint_time, saved, *logged)
+        write_json(self.out / ATTEMPTS, {"train_time_s": self.time_before})
+        for name in LOGS:
             path = self.out / name
-            if path.exists():
-                rows = [line for line in path.read_text().splitlines() if line.strip()]
-                kept = [r for r in rows if json.loads(r)["step"] <= self.step]
-                path.write_text("".join(r + "\n" for r in kept))
+            kept = [line for line, row in read_log(path) if row["step"] <= self.step]
+            if kept:
+                write_text(path, "".join(line + "\n" for line in kept))
+            else:
+                path.unlink(missing_ok=True)
+
+    def lr_overflows(self, lr: float) -> bool:
+        """Whether AdamW's largest multipliers of lr, the step size of its first step
+        lr / (1 - beta1) and the decay lr * weight_decay, overflow the weights' dtype: torch
+        raises there instead of giving inf, so it is caught here as a divergence (any rank alike)."""
+        decay = max(group["weight_decay"] for group in self.optimizer.param_groups)
+        largest = max(lr / (1 - self.cfg.optim.beta1), lr * decay)
+        return largest > torch.finfo(self.params[0].dtype).max
 
     def weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.params)
@@ -232,7 +341,7 @@ class Run:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 },
             }
-            checkpoint.atomic_save(state, checkpoint.checkpoint_path(self.ckpt_dir, self.step))
+            checkpoint.save(state, checkpoint.checkpoint_path(self.ckpt_dir, self.step))
             checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         self.d.barrier()  # other ranks wait until the file exists
 
@@ -312,6 +421,11 @@ class Run:
             )
         while self.step < cfg.train.steps:
             lr = learning_rate(cfg.optim, self.step, cfg.train.steps)
+            if self.lr_overflows(lr):
+                if d.is_main:
+                    print(f"step {self.step + 1}: lr {lr:.3e} overflows AdamW's step: diverged", flush=True)
+                status = "diverged"
+                break
             loss, grad_norm = self.train_step(lr)
             self.step += 1
             nonfinite |= ~torch.isfinite(loss)  # stays on the device until the next sync point
@@ -376,7 +490,7 @@ class Run:
         cfg = self.cfg
         tokens = self.step * cfg.train.batch_size * cfg.model.seq_len
         weights = self.model.state_dict() if status == "completed" else None
-        checkpoint.atomic_save(
+        checkpoint.save(
             {"model": weights, "status": status, "step": self.step, "config": cfg.to_dict()},
             self.out / "final.pt",
         )
@@ -423,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         return train(cfg, Path(args.out), restart_on_change=args.on_config_change == "restart")
-    except (ConfigError, ShardError, CheckpointError) as err:
+    except (ConfigError, ShardError, CheckpointError, OSError) as err:  # OSError: e.g. a full disk
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
 

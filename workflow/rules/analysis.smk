@@ -35,10 +35,10 @@ if not PUBLISHED:
             ENV
         params:
             runs_dir=lambda wildcards: f"{R}/runs",
-            ids=" ".join(GRID.runs),
+            ids=list(GRID.runs),
         shell:
-            "python -m workflow.scripts.aggregate --experiment {input.experiment} "
-            "--runs-dir {params.runs_dir} --runs {params.ids} --out {output} > {log} 2>&1"
+            "python -m workflow.scripts.aggregate --experiment {input.experiment:q} "
+            "--runs-dir {params.runs_dir:q} --runs {params.ids:q} --out {output:q} > {log:q} 2>&1"
 
     rule comparison_runs:
         # Only the runs a comparison needs: one figure or table trains only its comparison.
@@ -54,10 +54,10 @@ if not PUBLISHED:
             ENV
         params:
             runs_dir=lambda wildcards: f"{R}/runs",
-            ids=lambda wildcards: " ".join(GRID.members_runs(wildcards.comparison)),
+            ids=lambda wildcards: GRID.members_runs(wildcards.comparison),
         shell:
-            "python -m workflow.scripts.aggregate --experiment {input.experiment} "
-            "--runs-dir {params.runs_dir} --runs {params.ids} --out {output} > {log} 2>&1"
+            "python -m workflow.scripts.aggregate --experiment {input.experiment:q} "
+            "--runs-dir {params.runs_dir:q} --runs {params.ids:q} --out {output:q} > {log:q} 2>&1"
 
 else:
 
@@ -68,13 +68,14 @@ else:
         log:
             "resources/published/{file}.log",
         wildcard_constraints:
-            file="|".join(f.replace(".", r"\.") for f in PUBLISHED_FILES),
+            file=one_of(PUBLISHED_FILES),
         localrule: True
         conda:
             ENV
         params:
             entry=lambda wildcards: PUBLISHED_FILES[wildcards.file],
             local=config.get("published_dir"),
+            unverified=config["published_unverified"],
         script:
             "../scripts/fetch_published.py"
 
@@ -90,8 +91,8 @@ else:
         conda:
             ENV
         shell:
-            "python -m workflow.scripts.import_published --csv {input.csv} "
-            "--experiment {input.experiment} --out {output} > {log} 2>&1"
+            "python -m workflow.scripts.import_published --csv {input.csv:q} "
+            "--experiment {input.experiment:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule table:
@@ -108,8 +109,9 @@ rule table:
     params:
         out_dir=lambda wildcards: f"{R}/tables/{wildcards.comparison}",
     shell:
-        "python -m workflow.scripts.tables --runs {input.runs} --experiment {input.experiment} "
-        "--comparison {wildcards.comparison} --out-dir {params.out_dir} --only {wildcards.table} > {log} 2>&1"
+        "python -m workflow.scripts.tables --runs {input.runs:q} --experiment {input.experiment:q} "
+        "--comparison {wildcards.comparison:q} --out-dir {params.out_dir:q} "
+        "--only {wildcards.table:q} > {log:q} 2>&1"
 
 
 rule figure:
@@ -131,11 +133,12 @@ rule figure:
         ENV
     params:
         out_dir=lambda wildcards: f"{R}/figures/{wildcards.comparison}",
-        runs_dir="" if PUBLISHED else f"--runs-dir {R}/runs",
+        runs_dir=[] if PUBLISHED else ["--runs-dir", f"{R}/runs"],
     shell:
-        "python -m workflow.scripts.figures --runs {input.runs} --experiment {input.experiment} "
-        "--comparison {wildcards.comparison} --out-dir {params.out_dir} "
-        "--only {wildcards.figure} {params.runs_dir} > {log} 2>&1"
+        # --placeholder: a figure the data cannot give is a page that says why (the run goes on)
+        "python -m workflow.scripts.figures --runs {input.runs:q} --experiment {input.experiment:q} "
+        "--comparison {wildcards.comparison:q} --out-dir {params.out_dir:q} "
+        "--only {wildcards.figure:q} --placeholder {params.runs_dir:q} > {log:q} 2>&1"
 
 
 rule plan:

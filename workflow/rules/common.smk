@@ -1,5 +1,7 @@
 # The grid, run ids, targets and the helper functions of the rules, computed once from the
-# validated experiment file.
+# validated experiment file. Names are checked by the grid (safe names only); every shell rule
+# quotes what it interpolates ({x:q}) and every wildcard constraint escapes what it embeds.
+import shlex
 import sys
 from pathlib import Path
 
@@ -10,7 +12,7 @@ sys.path.insert(
     0, workflow.basedir
 )  # the repo root: trainer/, data/, workflow/scripts/
 
-from workflow.scripts.grid import ExperimentError, Grid, coerce_numbers
+from workflow.scripts.grid import ExperimentError, Grid, coerce_numbers, one_of
 from workflow.scripts.plan import plan, report as plan_text
 from workflow.scripts.runids import RUN_WILDCARD
 
@@ -41,12 +43,20 @@ for _name in GRID.comparisons:
 TABLES = config["tables"]
 DATA_META = [] if PUBLISHED else f"{config['data']['dir']}/meta.json"
 PUBLISHED_FILES = {p["file"]: p for p in config.get("published") or []}
+try:  # extra arguments of data.prepare: split as a shell would, then passed quoted, word by word
+    PREPARE_ARGS = (
+        []
+        if PUBLISHED
+        else shlex.split(config["data"].get("prepare", {}).get("args", ""))
+    )
+except ValueError as err:
+    raise WorkflowError(f"experiment file: data.prepare.args: {err}") from None
 
 
 wildcard_constraints:
     run=RUN_WILDCARD,
-    comparison="|".join(GRID.comparisons) or "none",
-    table="|".join(TABLES),
+    comparison=one_of(GRID.comparisons),
+    table=one_of(TABLES),
     figure="[a-z_]+",
 
 
@@ -108,24 +118,24 @@ def launcher(wildcards, resources):
     gpus = int(resources.gpu)
     python = f"python -m workflow.scripts.gpu_slots --gpus {gpus} -- python"
     if gpus > 1:
-        return f"{python} -m torch.distributed.run --standalone --nproc_per_node {gpus}"
-    return python
+        python += f" -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+    return python.split()  # words, quoted one by one by the rule
 
 
 def prepare_arguments(wildcards):
+    """The arguments of `python -m data.prepare`, one list item per word (the rule quotes each)."""
     data = config["data"]
-    prepare = data.get("prepare") or {}
-    source = prepare.get("source")
+    source = (data.get("prepare") or {}).get("source")
     if source is None:
         raise WorkflowError(
             f"{data['dir']}/meta.json is missing and data.prepare says nothing about how to make it"
         )
     tokenizer = (
-        ""
+        []
         if source == "pretokenized"
-        else f"--tokenizer {data.get('tokenizer', 'gpt2')}"
+        else ["--tokenizer", data.get("tokenizer", "gpt2")]
     )
-    return f"{source} --out {data['dir']} {tokenizer} {prepare.get('args', '')}"
+    return [source, "--out", data["dir"], *tokenizer, *PREPARE_ARGS]
 
 
 # --- analysis ------------------------------------------------------------------------------

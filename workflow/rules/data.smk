@@ -12,4 +12,4 @@ if not PUBLISHED:
         params:
             arguments=prepare_arguments,
         shell:
-            "python -m data.prepare {params.arguments} > {log} 2>&1"
+            "python -m data.prepare {params.arguments:q} > {log:q} 2>&1"

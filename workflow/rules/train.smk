@@ -40,11 +40,11 @@ rule train_run:
         dir=run_dir,
         launcher=launcher,
     shell:
-        "(mkdir -p {params.dir}/logs; "
-        "n=$(find {params.dir}/logs -name 'train.attempt*.log' | wc -l); "
+        "(mkdir -p {params.dir:q}/logs; "
+        "n=$(find {params.dir:q}/logs -name 'train.attempt*.log' | wc -l); "
         "echo attempt $((n + 1)); "
-        "{params.launcher} -m trainer.train --config {input.config} --out {params.dir} "
-        "--on-config-change restart > {params.dir}/logs/train.attempt$((n + 1)).log 2>&1) > {log} 2>&1"
+        "{params.launcher:q} -m trainer.train --config {input.config:q} --out {params.dir:q} "
+        "--on-config-change restart > {params.dir:q}/logs/train.attempt$((n + 1)).log 2>&1) > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -68,5 +68,5 @@ rule evaluate:
     params:
         dir=run_dir,
     shell:
-        "python -m workflow.scripts.gpu_slots --gpus {resources.gpu} -- "
-        "python -m trainer.evaluate --run {params.dir} > {log} 2>&1"
+        "python -m workflow.scripts.gpu_slots --gpus {resources.gpu:q} -- "
+        "python -m trainer.evaluate --run {params.dir:q} > {log:q} 2>&1"

@@ -9,6 +9,9 @@ per member, one marker per scale; points with the `diverged_1pct` label filled, 
 lr_sensitivity (LRS vs N, log-log), b_ratio_hist (baseline, where the data has B_ratio),
 train_loss (training curves per scale at each member's best lr, from train.jsonl; needs
 --runs-dir) and overlay (test loss of these runs over the --reference runs).
+
+A figure the data cannot give (LR sensitivity of a one-lr grid, B_ratio of data without it) is
+an error under --only, or with --placeholder (the workflow's choice) a page that says why.
 """
 
 from __future__ import annotations
@@ -121,6 +124,13 @@ def metric_vs_lr(runs, experiment, members, name, source="runs.csv"):
 def lrs_vs_params(runs, experiment, members, source="runs.csv"):
     mean, _ = compute_tables(runs, experiment, members, source)["lr_sensitivity"]
     present = list(mean.columns[2:])
+    if not any(((mean[m] > 0) & np.isfinite(mean[m])).any() for m in present):
+        few = runs.groupby("scale")["lr"].nunique().max() < 2
+        raise NoData(
+            "LR sensitivity needs at least two learning rates per scale"
+            if few
+            else "no member has a positive, finite LR sensitivity (nothing to draw on a log scale)"
+        )
     colour = colours(present)
     fig, ax = plt.subplots(figsize=(3.5, 2.6))
     for member in present:
@@ -234,6 +244,14 @@ def make_figure(
     return overlay(runs, experiment, members, reference, source, reference_source or "reference")
 
 
+def placeholder(name: str, reason: str):
+    """A page in place of a figure that cannot be drawn, saying why."""
+    fig, ax = plt.subplots(figsize=(3.5, 2.6))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{name}: not drawn\n{reason}", ha="center", va="center", fontsize=6, wrap=True)
+    return fig
+
+
 def save(fig, out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for ext in ("pdf", "png"):
@@ -251,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs-dir", help="run directories, for the training curves")
     parser.add_argument("--reference", help="a second runs.csv (e.g. the published runs) to overlay")
+    parser.add_argument(
+        "--placeholder",
+        action="store_true",
+        help="a figure the data cannot give becomes a page that says why (exit 0), not an error",
+    )
     args = parser.parse_args(argv)
     use_style()
     experiment = Experiment.load(args.experiment)
@@ -274,9 +297,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.reference,
             )
         except (NoData, MissingMembers, KeyError) as err:
-            print(f"{'error' if args.only else 'skipped'}: {args.comparison}/{name}: {err}", file=sys.stderr)
-            failed = failed or bool(args.only)
-            continue
+            drawn_instead = args.placeholder and isinstance(err, NoData)
+            verdict = "placeholder" if drawn_instead else "error" if args.only else "skipped"
+            print(f"{verdict}: {args.comparison}/{name}: {err}", file=sys.stderr)
+            if not drawn_instead:
+                failed = failed or bool(args.only)
+                continue
+            fig = placeholder(name, str(err))
         save(fig, Path(args.out_dir), name)
         print(f"{args.out_dir}/{name}.pdf")
     return 2 if failed else 0

@@ -9,18 +9,57 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import ConfigError, config_from_dict
-from workflow.scripts.runids import METHOD_PARAM, VALUE_PREFIX, Member, RunKey, parse_member
+from workflow.scripts.runids import (
+    METHOD_PARAM,
+    RUN_WILDCARD,
+    VALUE_PREFIX,
+    Member,
+    RunKey,
+    parse_member,
+    parse_run_id,
+)
 
+# Every name of the experiment file that becomes a path component or a shell word: a letter or
+# digit, then letters, digits, '.', '_', '-' (never '..', '/', a space or a quote).
+SAFE_NAME = r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+SAFE_PATH = rf"{SAFE_NAME}(/{SAFE_NAME})*"  # published files: relative, below resources/published/
 ARCH_KEYS = ("n_layer", "n_embd", "n_head")
 DEFAULT_RESOURCES = {"gpu": 0, "cpus_per_gpu": 4, "mem_mb": 4000, "runtime": 60}
 
 
 class ExperimentError(ValueError):
     """An experiment file that cannot be planned: the message names the key."""
+
+
+def one_of(names) -> str:
+    """A wildcard constraint (a regular expression) that matches exactly these names."""
+    return "|".join(re.escape(n) for n in names)
+
+
+def check_name(where: str, name, pattern: str = SAFE_NAME) -> None:
+    if not isinstance(name, str) or not re.fullmatch(pattern, name):
+        kind = "path (names joined by '/')" if pattern == SAFE_PATH else "name"
+        raise ExperimentError(
+            f"{where}: {name!r} is not a safe {kind}: a letter or digit, then letters, digits, "
+            "'.', '_' or '-' (no '..', at most 100 characters)"
+        )
+
+
+def check_names(config: dict) -> None:
+    """Names are data, never code or a way out of the project: checked before anything runs."""
+    check_name("experiment", config.get("experiment"))
+    for key in ("scales", "comparisons"):
+        for name in config.get(key) or {}:
+            check_name(key, name)
+    if "dataset" in (config.get("data") or {}):
+        check_name("data.dataset", config["data"]["dataset"])
+    for i, entry in enumerate(config.get("published") or []):
+        check_name(f"published[{i}].file", entry.get("file"), SAFE_PATH)
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -62,6 +101,18 @@ def coerce_numbers(config: dict) -> None:
                         spec[key] = [number(x) for x in spec[key]]
 
 
+def check_run_id(where: str, key: RunKey) -> None:
+    """A run id is a path component and a shell word: it must be one the `run` wildcard matches
+    and that reads back as the same run (an lr of .inf would give `lrinf`)."""
+    run_id = key.run_id
+    try:
+        same = re.fullmatch(RUN_WILDCARD, run_id) and parse_run_id(run_id) == key
+    except ValueError:
+        same = False
+    if not same:
+        raise ExperimentError(f"{where}: run id {run_id!r} is not a valid run id (a value out of range?)")
+
+
 @dataclass
 class Run:
     key: RunKey
@@ -77,6 +128,7 @@ class Grid:
     """All runs of an experiment, their configs and resources."""
 
     def __init__(self, config: dict):
+        check_names(config)
         self.config = config
         self.experiment = config["experiment"]
         self.scales: dict = config.get("scales") or {}
@@ -121,6 +173,7 @@ class Grid:
                                     int(seed),
                                     bool(tied),
                                 )
+                                check_run_id(where, key)
                                 if key.run_id in self.runs:
                                     raise ExperimentError(
                                         f"{where}: run {key.run_id} is already made by grids[{self.runs[key.run_id].grid}]"
@@ -212,9 +265,23 @@ class Grid:
         ]
 
 
-def load(path: str | Path) -> Grid:
+def read_yaml(path: str | Path) -> dict:
+    """An experiment file; a syntax error names the file, line and column (Snakemake's own
+    `--configfile` loader says only "not valid JSON or YAML")."""
     import yaml
 
-    config = yaml.safe_load(Path(path).read_text())
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        context = f" ({err.context} at line {err.context_mark.line + 1})" if err.context_mark else ""
+        raise ExperimentError(f"{path}:{mark.line + 1}:{mark.column + 1}: {err.problem}{context}") from None
+    if not isinstance(config, dict):
+        raise ExperimentError(f"{path}: not a mapping of keys (experiment, scales, ...)")
+    return config
+
+
+def load(path: str | Path) -> Grid:
+    config = read_yaml(path)
     coerce_numbers(config)
     return Grid(config)

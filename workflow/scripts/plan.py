@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from workflow.scripts.grid import Grid, load
+from workflow.scripts.grid import ExperimentError, Grid, load
 
 RULES = ("configure_run", "train_run", "evaluate")
 
@@ -111,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configfile", default="config/demo.yaml")
     args = parser.parse_args(argv)
-    grid = load(args.configfile)
+    try:
+        grid = load(args.configfile)
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(report(grid, plan(grid)))
     return 0
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 VALUE_PREFIX = {"zloss": "g", "muloss": "g", "softcap": "c"}  # methods with a hyper-parameter
 METHOD_PARAM = {"zloss": "lambda", "muloss": "lambda", "softcap": "cap"}
-# The `run` wildcard of the workflow: a run id and nothing else (no '/', no other file name).
-RUN_WILDCARD = r"[A-Za-z0-9.]+-[a-z]+(-[gc][0-9.e+-]+)?-lr[0-9.e+-]+-s\d+(-tied)?"
+# The `run` wildcard of the workflow: a run id and nothing else (no '/', no other file name; a
+# path component and a shell word that needs no quoting: letters, digits, '.', '-', '+').
+RUN_WILDCARD = r"[A-Za-z0-9][A-Za-z0-9.]*-[a-z]+(-[gc][0-9.e+-]+)?-lr[0-9.e+-]+-s\d+(-tied)?"
 RUN_ID = re.compile(
-    r"^(?P<scale>[A-Za-z0-9.]+)-(?P<method>[a-z]+)(?:-(?P<prefix>[gc])(?P<value>[0-9.e+-]+?))?"
+    r"^(?P<scale>[A-Za-z0-9][A-Za-z0-9.]*)-(?P<method>[a-z]+)(?:-(?P<prefix>[gc])(?P<value>[0-9.e+-]+?))?"
     r"-lr(?P<lr>[0-9.e+-]+?)-s(?P<seed>\d+)(?P<tied>-tied)?$"
 )
 
