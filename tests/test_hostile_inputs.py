@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_workflow import SMALL, run_in, workspace
+from test_workflow import SMALL, run_in, snakemake, workspace
 
 from conftest import REPO
 from workflow.scripts import fetch_published
@@ -73,6 +73,23 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
     )
     with pytest.raises(ExperimentError, match=re.escape(f"{bad}:4:12: expected ',' or '}}', but got ':'")):
         load(bad)
+    # Snakemake itself, which parses --configfile before the workflow: the profile's check says it
+    result = snakemake("-n", "--configfile", str(bad), cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert f"error: {bad}:4:12: not valid YAML: expected ',' or '}}', but got ':'" in result.stderr
+
+
+def test_a_target_after_configfile_is_one_clear_line(tmp_path):
+    target = "results/paper/tables/main/lr_sensitivity.csv"
+    result = snakemake(
+        "-n", "--configfile", str(REPO / "config" / "paper.yaml"), target, cwd=tmp_path, check=False
+    )
+    assert result.returncode != 0
+    assert (
+        f"error: --configfile {target}: no such file; a target? put targets before --configfile"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
 
 
 # --- shell rules with a path that needs quoting -------------------------------------------------

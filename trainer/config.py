@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from trainer.files import write_atomic
 from trainer.methods import METHODS
 
 SCHEDULES = ("cosine", "constant", "wsd")
@@ -362,10 +363,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write atomically, so a half-written config is never read."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def micro_batch_size(cfg: RunConfig, world_size: int, token_cap: int) -> int:

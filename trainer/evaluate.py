@@ -21,11 +21,12 @@ from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.distributed import Dist, process_group
+from trainer.files import write_json
 from trainer.methods import build_method
 from trainer.metrics import GEOMETRY, HIDDEN, LOGIT_STATS, LogitStatistics, embedding_geometry
 from trainer.model import GPT
 from trainer.shards import ShardError, ValidationSet, to_device
-from trainer.train import autocast_dtype, verified_shards, write_json
+from trainer.train import autocast_dtype, verified_shards
 from trainer.validation import my_micro_batches, validation_loss
 
 METRICS = ("test_loss", *GEOMETRY, *LOGIT_STATS, *HIDDEN)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.files import write_atomic
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_WORDS = 256
@@ -31,18 +33,6 @@ SETTLE_NS = 2_000_000_000
 
 class ShardError(ValueError):
     """A shard file that is not in the format: the message names the file."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temporary name, then rename: a reader never sees half a file, and a failed
-    write (a full disk) leaves nothing behind. The pid in the name keeps concurrent writers apart."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def sha256(path: str | Path) -> str:

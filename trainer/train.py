@@ -28,6 +28,7 @@ from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig, load_config, micro_batch_size
 from trainer.distributed import Dist, process_group
+from trainer.files import write_atomic, write_json
 from trainer.methods import build_method
 from trainer.model import GPT, parameter_count
 from trainer.optim import build_optimizer, learning_rate, set_learning_rate
@@ -62,21 +63,6 @@ def read_status(out: Path) -> str | None:
         return json.loads((out / "train.json").read_text()).get("status")
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def write_json(path: Path, obj: dict) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomically: a temporary name, then renamed; a failed write leaves no temporary behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_log(path: Path) -> list[tuple[str, dict]]:
@@ -311,7 +297,7 @@ class Run:
             path = self.out / name
             kept = [line for line, row in read_log(path) if row["step"] <= self.step]
             if kept:
-                write_text(path, "".join(line + "\n" for line in kept))
+                write_atomic(path, "".join(line + "\n" for line in kept))
             else:
                 path.unlink(missing_ok=True)
 

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import yaml
 
+from trainer.files import write_atomic
+
 
 def write_run_config(config: dict, path: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    tmp.replace(target)
+    write_atomic(target, yaml.safe_dump(config, sort_keys=False))
 
 
 if "snakemake" in globals():  # run by Snakemake's script directive

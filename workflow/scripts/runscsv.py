@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from trainer.files import write_atomic
 
 KEYS = ["run", "scale", "params", "method", "value", "lr", "seed", "tied", "status"]
 METRICS = [
@@ -33,9 +34,7 @@ def write_runs(frame: pd.DataFrame, path: str | Path) -> None:
     """Write with exactly the schema's columns, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.reindex(columns=COLUMNS).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_atomic(path, frame.reindex(columns=COLUMNS).to_csv(index=False))
 
 
 def read_runs(path: str | Path) -> pd.DataFrame:

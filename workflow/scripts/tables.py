@@ -11,12 +11,12 @@ With several seeds the cells are mean +- std (the .csv holds the mean; <table>.s
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from trainer.files import write_atomic
 from workflow.scripts.analysis import TABLES, MissingMembers, compute_tables
 from workflow.scripts.experiment import Experiment, comparison_arguments
 from workflow.scripts.runscsv import read_runs
@@ -67,20 +67,14 @@ def to_markdown(table: str, mean: pd.DataFrame, std: pd.DataFrame | None) -> str
     return "\n".join(lines) + "\n"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_table(out_dir: Path, table: str, mean: pd.DataFrame, std: pd.DataFrame | None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{table}.{ext}" for ext in ("csv", "md", "tex")]
-    atomic_write(paths[0], mean.to_csv(index=False))
-    atomic_write(paths[1], to_markdown(table, mean, std))
-    atomic_write(paths[2], to_tex(table, mean, std))
+    write_atomic(paths[0], mean.to_csv(index=False))
+    write_atomic(paths[1], to_markdown(table, mean, std))
+    write_atomic(paths[2], to_tex(table, mean, std))
     if std is not None:
-        atomic_write(out_dir / f"{table}.std.csv", std.to_csv(index=False))
+        write_atomic(out_dir / f"{table}.std.csv", std.to_csv(index=False))
     return paths
 
 
