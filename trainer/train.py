@@ -201,6 +201,7 @@ class Run:
         self.cfg, self.out, self.d = cfg, out, d
         self.restart_on_change = restart_on_change
         self.ckpt_dir = out / "checkpoints"
+        out.mkdir(parents=True, exist_ok=True)  # bench and parity start runs in fresh folders too
         train_shards = verified_shards(cfg, d, cfg.data.train_pattern)
         n_params = parameter_count(cfg.model)
         self.micro = micro_batch_size(cfg, d.world_size, auto_micro_tokens(cfg, d.device, n_params))
