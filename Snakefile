@@ -38,3 +38,7 @@ rule figures:
 rule tables:
     input:
         table_targets(),
+
+
+onsuccess:
+    print(summary(R, list(GRID.comparisons)))

@@ -16,7 +16,7 @@ from workflow.scripts.import_published import PublishedFormatError, decode_name,
 from workflow.scripts.runids import RunKey, parse_member, parse_run_id
 from workflow.scripts.runscsv import COLUMNS, read_runs, write_runs
 
-SOURCES = {  # comparison -> published file that feeds it (PROTOCOL.md "Published numbers")
+SOURCES = {  # comparison -> published file that feeds it (docs/protocol.md "Published result files")
     "main": "v1/loss_overview_all.csv",
     "muloss_lambda": "v1/loss_overview_all.csv",
     "zloss_lambda": "v1/loss_overview_all.csv",
@@ -275,6 +275,44 @@ def test_import_maps_columns_and_keeps_units(published_dir, experiment):
     assert (row["logit_mean"], row["logit_std"], row["logit_mean_std"], row["lse2"], row["train_time_s"]) == (
         -1.3906, 2.8594, 8.4375, 328.0, 4879.6)  # fmt: skip
     assert len(runs) == 140 and set(runs["method"]) == {"baseline", "zloss", "muloss", "mucentering"}
+
+
+# A few rows in the published files' format (their header, values made up), so the import and the
+# formulas are pinned on a fresh clone without the paper's CSVs.
+PUBLISHED_HEADER = ("name,test_loss (~),test_loss,O.mu norm,O.max norm,O.avg norm,O.min norm,O.Smin,O.Smax,"
+                    "O.logits_mean_mean,O.logits_mean_std,O.logits_std_mean,O.logits_std_std,"
+                    "O.logits_mean_absmean,O.logits_mean_absmax,H.mean_logsqZ,time")  # fmt: skip
+PUBLISHED_ROWS = {  # name: (test_loss, O.mu norm, time)
+    "wor40A-16M-13p1B-100k-bs64-lr10-baseline-g0e+00-s1": (3.90, 2.2, 4000.0),
+    "wor40A-16M-13p1B-100k-bs64-lr100-baseline-g0e+00-s1": (3.80, 20.0, 4000.0),
+    "wor40A-16M-13p1B-100k-bs64-lr1000-baseline-g0e+00-s1": (4.30, 180.0, 4000.0),
+    "wor40M-16M-13p1B-100k-bs64-lr10-mucentering-g0e+00-s1": (3.91, 0.0, 4040.0),
+    "wor40M-16M-13p1B-100k-bs64-lr100-mucentering-g0e+00-s1": (3.81, 0.0, 4040.0),
+    "wor40M-16M-13p1B-100k-bs64-lr1000-mucentering-g0e+00-s1": (3.85, 0.0, 4040.0),
+}
+
+
+def test_hand_made_published_rows_import_and_give_hand_computed_tables(tmp_path):
+    csv = tmp_path / "loss_overview_all.csv"
+    lines = [PUBLISHED_HEADER]
+    for name, (loss, mu, time) in PUBLISHED_ROWS.items():
+        lines.append(f"{name},{loss},{loss},{mu},1,1,1,1,1,0.5,2.5,8,0.3,7,20,300,{time}")
+    csv.write_text("\n".join(lines) + "\n")
+    exp = Experiment({"scales": {"16M": {"params": 16e6, "L0": 10.83}},
+                      "comparisons": {"c": ["baseline", "mucentering"]}})  # fmt: skip
+    runs = import_published([csv], exp).set_index("run")
+    assert runs.loc["16M-baseline-lr0.01-s1", ["test_loss", "mu_norm", "train_time_s"]].tolist() == [
+        3.8,
+        20.0,
+        4000.0,
+    ]
+    assert runs.loc["16M-mucentering-lr0.1-s1", "lr"] == 0.1 and runs["status"].eq("published").all()
+    tables = compute_tables(runs.reset_index(), exp, exp.comparison("c"))
+    lrs = tables["lr_sensitivity"][0].iloc[0]
+    assert lrs["baseline"] == pytest.approx(((3.90 - 3.80) + 0 + (4.30 - 3.80)) / 2)  # 0.30
+    assert lrs["mucentering"] == pytest.approx(((3.91 - 3.81) + 0 + (3.85 - 3.81)) / 2)  # 0.07
+    assert tables["best_lr"][0].iloc[0][["baseline", "mucentering"]].tolist() == [1e-2, 1e-2]
+    assert tables["rel_time"][0].iloc[0]["mucentering"] == pytest.approx(0.01)  # 4040 / 4000 - 1
 
 
 def test_aggregate_lists_missing_runs(tmp_path):

@@ -37,3 +37,17 @@ def test_auto_micro_batch_follows_gpu_memory(scale, memory, expected):
     with torch.device("meta"):
         n_params = sum(p.numel() for p in GPT(cfg.model).parameters())
     assert micro_batch_size(cfg, 1, micro_tokens_for_memory(cfg, memory, n_params)) == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour of bench; a GPU times --scale")
+def test_bench_on_a_cpu_refuses_paper_scales_and_times_a_run_config(tmp_path, tiny_data, capsys):
+    from conftest import tiny_config, write_config
+    from trainer import bench
+
+    with pytest.raises(SystemExit):
+        bench.main(["--scale", "16M"])
+    assert "needs a GPU; on a CPU, time a small run config with --config" in capsys.readouterr().err
+    config = write_config(tmp_path / "config.yaml", tiny_config(tiny_data))
+    bench.main(["--config", str(config), "--steps", "2", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "warning: --warmup 1 may time compilation too" in out and "tiny | 8 |" in out

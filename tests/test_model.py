@@ -6,7 +6,7 @@ import torch
 from trainer.config import ModelConfig
 from trainer.model import GPT, parameter_count, swiglu_hidden
 
-PAPER_SCALES = {  # layers, width, SwiGLU hidden, exact non-embedding parameters (PROTOCOL.md)
+PAPER_SCALES = {  # layers, width, SwiGLU hidden, exact non-embedding parameters (docs/protocol.md "Model")
     "16M": (6, 224, 768, 4_304_384),
     "29M": (9, 320, 1024, 12_541_280),
     "57M": (12, 480, 1280, 33_192_480),

@@ -4,7 +4,7 @@
     python -m trainer.bench --config RUN/config.yaml --steps 30
 
 With --scale the paper protocol is used (batch 64 x 2048, bf16) on synthetic tokens, so no data
-is needed. MFU follows PROTOCOL.md: (6 N_eff + 12 L H T) * tokens/s / peak, N_eff = every
+is needed. MFU follows docs/protocol.md "Throughput and MFU": (6 N_eff + 12 L H T) * tokens/s / peak, N_eff = every
 parameter except the input embedding.
 """
 
@@ -22,11 +22,14 @@ from trainer.config import RunConfig, config_from_dict, load_config
 from trainer.distributed import process_group
 from trainer.shards import write_shard
 
-# The paper's five scales: layers and width (PROTOCOL.md "Model"); heads are 4 throughout.
+# The paper's five scales: layers and width (docs/protocol.md "Model"); heads are 4 throughout.
 PAPER_SCALES = {"16M": (6, 224), "29M": (9, 320), "57M": (12, 480), "109M": (15, 640), "221M": (21, 832)}
 BENCH_PARAMS = {"zloss": {"lambda": 1e-4}, "muloss": {"lambda": 1e-4}, "softcap": {"cap": 30.0}}
-PEAK_FLOPS = 790e12  # bf16 dense matmul peak measured on an H200 (PROTOCOL.md)
+PEAK_FLOPS = 790e12  # bf16 dense matmul peak measured on an H200 (docs/protocol.md)
 GPT2_VOCAB = 50257
+# Untimed steps below this may still hold compilation: the first steps compile, and the second one
+# recompiles once (measured at 16M: --warmup 1 gave 537 ms per step, --warmup 5 20 ms).
+MIN_WARMUP = 3
 
 
 def paper_config(scale: str, method: str, data_dir: str, tied: bool = False) -> RunConfig:
@@ -135,6 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.scale):
         parser.error("give exactly one of --config and --scale")
+    if args.scale and not torch.cuda.is_available():
+        parser.error(
+            f"--scale {args.scale} times the paper's protocol (batch 64 x 2048, bf16) and needs a GPU; "
+            "on a CPU, time a small run config with --config RUN/config.yaml"
+        )
+    if args.warmup < MIN_WARMUP:
+        print(f"warning: --warmup {args.warmup} may time compilation too (use >= {MIN_WARMUP})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.config:

@@ -1,7 +1,7 @@
 """Evaluate a finished run: `python -m trainer.evaluate --run RUN [--step N]` writes RUN/eval.json.
 
 test_loss is the mean cross-entropy of the model's output logits (capped for softcap) over
-fixed validation windows; the geometry of E and the logit statistics follow PROTOCOL.md (see
+fixed validation windows; the geometry of E and the logit statistics follow docs/protocol.md (see
 trainer/metrics.py). Under torchrun every rank evaluates a disjoint share and the results are
 reduced. A diverged run gets an eval.json with status `diverged` and NaN metrics.
 """

@@ -1,4 +1,4 @@
-"""The paper's output-embedding geometry and logit statistics (PROTOCOL.md "Validation metrics").
+"""The paper's output-embedding geometry and logit statistics (docs/protocol.md "Validation metrics").
 
 Logit statistics use the raw logits l_tj = h_t . e_j, h after the final LayerNorm, over all V
 rows of E (padding rows included), in fp32. Standard deviations are population ones (divide

@@ -1,6 +1,6 @@
 """The paper's decoder: pre-LayerNorm, no biases, QK-LayerNorm, partial RoPE, SwiGLU.
 
-One architecture at five widths (PROTOCOL.md "Model"). The output embedding E is
+One architecture at five widths (docs/protocol.md "Model"). The output embedding E is
 `lm_head.weight` (V x H); with tying it is also the input embedding.
 """
 

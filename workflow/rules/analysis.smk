@@ -27,7 +27,7 @@ if not PUBLISHED:
             runs=eval_inputs(GRID.runs),
             experiment=f"{R}/experiment.yaml",
         output:
-            f"{R}/runs.csv",
+            RUNS_CSV,
         log:
             f"{R}/logs/aggregate.log",
         localrule: True
@@ -84,7 +84,7 @@ else:
             csv=[f"resources/published/{f}" for f in PUBLISHED_FILES],
             experiment=f"{R}/experiment.yaml",
         output:
-            f"{R}/runs.csv",
+            RUNS_CSV,
         log:
             f"{R}/logs/import_published.log",
         localrule: True
@@ -100,7 +100,14 @@ rule table:
         runs=comparison_csv,
         experiment=f"{R}/experiment.yaml",
     output:
-        multiext(f"{R}/tables/{{comparison}}/{{table}}", ".csv", ".md", ".tex"),
+        csv=report(
+            f"{R}/tables/{{comparison}}/{{table}}.csv",
+            category="{comparison}",
+            subcategory="tables",
+            labels={"table": "{table}"},
+        ),
+        md=f"{R}/tables/{{comparison}}/{{table}}.md",
+        tex=f"{R}/tables/{{comparison}}/{{table}}.tex",
     log:
         f"{R}/logs/table/{{comparison}}-{{table}}.log",
     localrule: True
@@ -124,7 +131,8 @@ rule figure:
             f"{R}/figures/{{comparison}}/{{figure}}.png",
             caption="../report/figure.rst",
             category="{comparison}",
-            subcategory="{figure}",
+            subcategory="figures",
+            labels={"figure": "{figure}"},
         ),
     log:
         f"{R}/logs/figure/{{comparison}}-{{figure}}.log",

@@ -15,6 +15,7 @@ sys.path.insert(
 from workflow.scripts.grid import ExperimentError, Grid, coerce_numbers, one_of
 from workflow.scripts.plan import plan, report as plan_text
 from workflow.scripts.runids import RUN_WILDCARD
+from workflow.scripts.summary import summary
 
 coerce_numbers(config)
 validate(config, "../schemas/experiment.schema.yaml")
@@ -41,6 +42,8 @@ for _name in GRID.comparisons:
             f"experiment file: comparisons.{_name}: no run of the grids is {', '.join(_absent)}"
         )
 TABLES = config["tables"]
+# runs.csv is in the report too (snakemake --report results/<experiment>/report.html)
+RUNS_CSV = report(f"{R}/runs.csv", category="runs", labels={"file": "runs.csv"})
 DATA_META = [] if PUBLISHED else f"{config['data']['dir']}/meta.json"
 PUBLISHED_FILES = {p["file"]: p for p in config.get("published") or []}
 try:  # extra arguments of data.prepare: split as a shell would, then passed quoted, word by word

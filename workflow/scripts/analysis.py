@@ -1,4 +1,4 @@
-"""The paper's analysis formulas (PROTOCOL.md "Analysis formulas"), on a runs.csv data frame.
+"""The paper's analysis formulas (docs/protocol.md "Analysis formulas"), on a runs.csv data frame.
 
 For one scale and one member, L(eta) is test_loss at each learning rate.
   best loss = min over eta; best lr = argmin (ties: the smaller lr); runs without a finite loss

@@ -3,8 +3,8 @@
     python -m workflow.scripts.import_published --csv published/v1/loss_overview_all.csv [...] \
         --experiment config/published.yaml --out results/published/runs.csv
 
-Run names (published/README.md): wor{scale}0{variant}-{size}-13p1B-100k-bs64-lr{lr / 1e-4}-{method}-g{value:.0e}-s{seed};
-a `wt` suffix on the method means tied embeddings. Columns map as DESIGN.md's table; units are kept.
+Run names (docs/protocol.md "Published result files"): wor{scale}0{variant}-{size}-13p1B-100k-bs64-lr{lr / 1e-4}-{method}-g{value:.0e}-s{seed};
+a `wt` suffix on the method means tied embeddings. Columns map as docs/design.md "Metric names"; units are kept.
 Several files may be given: a run present in more than one keeps its first row.
 """
 

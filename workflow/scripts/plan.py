@@ -96,6 +96,9 @@ def report(grid: Grid, result: dict) -> str:
     def h(x):
         return "?" if math.isnan(x) else f"{x:,.1f}"
 
+    gpu = grid.config.get("throughput_gpu")
+    if gpu:
+        lines.append(f"GPU-hours at the scales' throughput, measured on {gpu}:")
     lines.append(
         "GPU-hours left".ljust(16)
         + "".join(h(hours[s]).rjust(width) for s in scales)

@@ -1,4 +1,4 @@
-"""The runs.csv schema (DESIGN.md "Metric names"): one row per run, ours or imported."""
+"""The runs.csv schema (docs/design.md "Metric names"): one row per run, ours or imported."""
 
 from __future__ import annotations
 
