@@ -111,7 +111,7 @@ def test_odd_data_dir_is_one_quoted_argument_and_a_one_lr_grid_runs_end_to_end(t
                   "tables": ["lr_sensitivity"]}  # fmt: skip
     experiment["protocol"] = {**SMALL["protocol"], "train": {**SMALL["protocol"]["train"], "steps": 4}}
     repo, configfile = workspace(tmp_path, experiment)
-    result = run_in(repo, "-c2", "--configfile", str(configfile))
+    result = run_in(repo, "-c2", "--printshellcmds", "--quiet", "host", "--configfile", str(configfile))
     assert "--out 'data/it'\"'\"'s a corpus; touch pwned $(touch pwned) #'" in result.stdout + result.stderr
     assert (repo / ODD_DIR / "meta.json").exists()
     out = repo / "results" / "odd"

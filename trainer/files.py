@@ -1,4 +1,4 @@
-"""Atomic file writes, the one way every part of the pipeline writes a file it later reads."""
+"""Files the pipeline writes and reads back: atomic writes, and JSONL logs that may end torn."""
 
 from __future__ import annotations
 
@@ -22,3 +22,19 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_log(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of a JSONL log; a torn line (a kill or a full disk mid-write) or any other
+    line that is not a row with an integer step is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and type(row.get("step")) is int:
+            rows.append((line, row))
+    return rows

@@ -28,7 +28,7 @@ from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig, load_config, micro_batch_size
 from trainer.distributed import Dist, process_group
-from trainer.files import write_atomic, write_json
+from trainer.files import read_log, write_atomic, write_json
 from trainer.methods import build_method
 from trainer.model import GPT, parameter_count
 from trainer.optim import build_optimizer, learning_rate, set_learning_rate
@@ -63,22 +63,6 @@ def read_status(out: Path) -> str | None:
         return json.loads((out / "train.json").read_text()).get("status")
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def read_log(path: Path) -> list[tuple[str, dict]]:
-    """(line, row) of a JSONL log; a torn line (a kill or a full disk mid-write) or any other
-    line that is not a row with an integer step is dropped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and type(row.get("step")) is int:
-            rows.append((line, row))
-    return rows
 
 
 def seconds(value) -> float:

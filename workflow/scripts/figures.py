@@ -16,7 +16,6 @@ an error under --only, or with --placeholder (the workflow's choice) a page that
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -29,7 +28,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 
+from trainer.files import read_log  # noqa: E402
 from workflow.scripts.analysis import (  # noqa: E402
     MissingMembers,
     best_lr,
@@ -76,7 +77,37 @@ def legend(ax, members: list[str], scales: list[str], colour: dict[str, str]) ->
         Line2D([], [], color="grey", marker=MARKERS[i % len(MARKERS)], ls="", mfc="none", label=s)
         for i, s in enumerate(scales)
     ]
+    handles.append(
+        Line2D([], [], color="grey", marker="o", ls="", label="filled: > 1% above the best member")
+    )
     ax.legend(handles=handles, fontsize=5, ncol=2)
+
+
+def plain(value: float, _=None) -> str:
+    """A tick label as a plain number (0.3, 2,000, 3e+06), never 3x10^-1."""
+    return f"{value:,.0f}" if 1e3 <= abs(value) < 1e6 else f"{value:.3g}"
+
+
+def plain_log_axis(axis) -> None:
+    """Plain-number labels on a log axis. Minor ticks get labels only where matplotlib would label
+    them (an axis spanning about a decade or less), and then only at 2, 3 and 5 x 10^k, so that
+    neighbouring labels never run into each other."""
+    axis.set_major_formatter(FuncFormatter(plain))
+    default_minor = axis.get_minor_formatter()  # a LogFormatter that knows when minors need labels
+
+    def minor(value, pos):
+        leading = round(value / 10 ** math.floor(math.log10(value)))
+        return plain(value) if leading in (2, 3, 5) and default_minor(value, pos) else ""
+
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def compact(n: float) -> str:
+    """A parameter count as people write it: 67.8k, 16M, 1.2B."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
 
 
 def metric_points(runs: pd.DataFrame, members: list[Member], metric: str, source: str) -> pd.DataFrame:
@@ -111,10 +142,14 @@ def metric_vs_lr(runs, experiment, members, name, source="runs.csv"):
             if not filled.empty:
                 ax.scatter(filled["lr"], filled["y"], color=colour[member], marker=marker, s=9, zorder=3)
     ax.set_xscale("log")
-    if yscale == "symlog":
+    ax.xaxis.set_major_formatter(FuncFormatter(plain))
+    if yscale == "symlog":  # a norm: zero (mu-centering) and decades above it, nothing below
         ax.set_yscale("symlog", linthresh=1e-2)
+        ax.set_ylim(bottom=0)
     else:
         ax.set_yscale(yscale)
+        if yscale == "log":
+            plain_log_axis(ax.yaxis)
     ax.set_xlabel("learning rate")
     ax.set_ylabel(ylabel)
     legend(ax, present, scales, colour)
@@ -140,6 +175,11 @@ def lrs_vs_params(runs, experiment, members, source="runs.csv"):
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # one labelled tick per scale (its nominal N); no minor labels crowding each other
+    ax.xaxis.set_major_locator(FixedLocator(mean["params"].tolist()))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: compact(v)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    plain_log_axis(ax.yaxis)
     ax.set_xlabel("parameters N")
     ax.set_ylabel("LR sensitivity")
     ax.legend(fontsize=5)
@@ -159,14 +199,15 @@ def b_ratio_hist(runs, experiment, members, source="runs.csv"):
         )
     fig, ax = plt.subplots(figsize=(3.5, 2.6))
     ax.hist(values, bins=20, color="grey")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of runs
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.set_xlabel(r"$B_\mathrm{ratio}$")
     ax.set_ylabel(f"runs ({baseline[0].text})")
     return fig
 
 
 def read_train_log(path: Path) -> pd.DataFrame:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return pd.DataFrame(rows)
+    return pd.DataFrame([row for _, row in read_log(path)])
 
 
 def train_loss(runs, experiment, members, runs_dir: Path | None, source="runs.csv"):
@@ -225,6 +266,7 @@ def overlay(
     ]
     ax.legend(handles=handles, fontsize=5)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(plain))
     ax.set_xlabel("learning rate")
     ax.set_ylabel("test loss")
     return fig
