@@ -214,6 +214,7 @@ def test_an_old_checkpoint_with_the_legacy_hash_and_no_checksum_resumes(tmp_path
     assert_same_weights(checkpoint.load(run / "final.pt")["model"], uninterrupted)
 
 
+@pytest.mark.slow
 def test_pickled_code_in_a_checkpoint_or_final_pt_never_runs(trained_runs, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_runs["baseline"], run)

@@ -163,6 +163,7 @@ def test_text_directory_with_txt_files_is_one_document_per_file(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_interrupted_preparation_resumes_to_identical_shards(tmp_path, monkeypatch):
     source = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     args = ["--tokenizer", "bytes", "--shard-tokens", "3000", "--val-tokens", "2000", "--workers", "1"]
@@ -200,6 +201,7 @@ def test_interrupted_preparation_resumes_to_identical_shards(tmp_path, monkeypat
     assert changed.returncode == 2 and "other settings" in changed.stderr
 
 
+@pytest.mark.slow
 def test_demo_corpus_is_offline_and_deterministic(tmp_path):
     a, b = tmp_path / "a" / "demo", tmp_path / "b" / "demo"
     for out in (a, b):
@@ -223,6 +225,7 @@ def test_demo_corpus_is_offline_and_deterministic(tmp_path):
     assert "def " in text or "Return" in text  # Python's docs and docstrings
 
 
+@pytest.mark.slow
 def test_inspect_reports_and_decodes(tmp_path):
     out = tmp_path / "demo"
     prepare(

@@ -66,6 +66,7 @@ def test_mucentering_run_has_zero_mu_and_zero_mean_logit(trained_runs, tmp_path)
     assert not any(key.startswith("in_") for key in result)  # tied: one matrix
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one(trained_runs, tmp_path):
     one = copy_run(trained_runs["baseline"], tmp_path / "one")
     two = copy_run(trained_runs["baseline"], tmp_path / "two")

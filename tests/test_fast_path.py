@@ -14,6 +14,7 @@ H200, H100 = 143_771 * 2**20, 81_559 * 2**20  # bytes, as nvidia-smi reports the
 
 
 @pytest.mark.parametrize("method", ["baseline", "softcap"])
+@pytest.mark.slow
 def test_fast_path_mean_loss_of_steps_181_200_is_within_0_01_of_plain(tmp_path, method):
     parity.bigram_stream(tmp_path, vocab=512)
     plain, fast = parity.compare(parity.tiny_config(str(tmp_path), method), 200, tmp_path / "runs")

@@ -97,6 +97,7 @@ def test_a_target_after_configfile_is_one_clear_line(tmp_path):
 ODD_DIR = "data/it's a corpus; touch pwned $(touch pwned) #"
 
 
+@pytest.mark.slow
 def test_odd_data_dir_is_one_quoted_argument_and_a_one_lr_grid_runs_end_to_end(tmp_path):
     """The real shell rules (prepare, train, evaluate, aggregate, table, figure) with a data.dir
     holding a space, a quote, `;`, `$(...)` and `#`: nothing runs but the pipeline. The grid is
@@ -147,7 +148,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def test_shipped_pins_are_the_files_we_have(published_dir):
-    """config/published.yaml's sha256 are those of ../shared/published (v2: the reconstructions)."""
+    """config/published.yaml's sha256 are those of the copies in PUBLISHED_DIR (v2: reconstructions)."""
     for entry in yaml.safe_load((REPO / "config" / "published.yaml").read_text())["published"]:
         assert hashlib.sha256((published_dir / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
 

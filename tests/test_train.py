@@ -69,6 +69,7 @@ def test_a_run_writes_every_file_with_the_contract_keys(tmp_path, tiny_data):
     assert len(read_rows(run / "train.jsonl")) == 12
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path, tiny_data):
     steps = 300
     overrides = {"train": {"steps": steps, "checkpoint_every": 7, "log_every": 1}}
@@ -99,6 +100,7 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path, tiny_dat
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT])
+@pytest.mark.slow
 def test_stop_signal_saves_a_checkpoint_and_the_rerun_completes(tmp_path, tiny_data, sig):
     run = tmp_path / "run"
     cfg = write_config(
@@ -126,6 +128,7 @@ def test_stop_signal_saves_a_checkpoint_and_the_rerun_completes(tmp_path, tiny_d
     assert json.loads((run / "train.json").read_text())["steps"] == 400
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_on_resume(tmp_path, tiny_data):
     run = tmp_path / "run"
     cfg = write_config(run / "config.yaml", tiny_config(tiny_data, train={"steps": 8}))
@@ -205,6 +208,7 @@ def test_diverged_run_from_the_cli_exits_zero_without_traceback(tmp_path, tiny_d
     assert torch.load(run / "final.pt", weights_only=True)["model"] is None
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path, tiny_data):
     overrides = {"train": {"steps": 10, "batch_size": 8, "log_every": 1, "checkpoint_every": 5}}
     one, two = tmp_path / "one", tmp_path / "two"
@@ -218,6 +222,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny_data):
         assert abs(ra["grad_norm"] - rb["grad_norm"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_micro_batch_one_matches_the_full_per_rank_batch(tmp_path, tiny_data):
     losses = {}
     for micro in (1, 8):
@@ -233,6 +238,7 @@ def test_micro_batch_one_matches_the_full_per_rank_batch(tmp_path, tiny_data):
     {"name": "zloss", "lambda": 1e-4}, {"name": "muloss", "lambda": 1e-4},
     {"name": "mucentering"}, {"name": "softcap", "cap": 30},
 ])  # fmt: skip
+@pytest.mark.slow
 def test_every_method_trains_tied_and_untied(tmp_path, tiny_data, method):
     for tied in (False, True):
         run = tmp_path / f"tied{tied}"
@@ -271,6 +277,7 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, tiny_data, in_proce
     assert [r["step"] for r in read_rows(run / "val.jsonl")] == [6, 12]
 
 
+@pytest.mark.slow
 def test_sigkill_before_the_first_checkpoint_then_rerun_logs_each_step_once(tmp_path, tiny_data):
     steps = 200
     run = tmp_path / "run"

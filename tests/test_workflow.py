@@ -56,6 +56,7 @@ def dry_run(*targets, configfile=PAPER, cwd=REPO):
         (("results/paper/figures/tied/test_loss.pdf",), 175),
     ],
 )
+@pytest.mark.slow
 def test_dry_run_train_jobs(tmp_path, targets, expected):
     counts = dry_run(*targets, cwd=tmp_path)
     assert counts["train_run"] == expected and counts["evaluate"] == expected
@@ -81,6 +82,7 @@ def test_plan_reports_gpu_hours_fast():
     assert re.search(r"^train_run\s+112\s+112\s+112\s+112\s+112\s+560$", result.stdout, re.M)
 
 
+@pytest.mark.slow
 def test_lint_and_format_are_clean():
     assert "Congratulations" in snakemake("--lint").stdout + snakemake("--lint").stderr
     for configfile in ("config/paper.yaml", "config/published.yaml"):
@@ -142,6 +144,7 @@ def run_in(repo: Path, *args, check=True, timeout=900):
     return result
 
 
+@pytest.mark.slow
 def test_demo_shape_end_to_end_then_noop_then_exact_reruns(tmp_path):
     repo, configfile = workspace(tmp_path, SMALL)
     run_in(repo, "-c2", "--configfile", str(configfile))
@@ -222,6 +225,7 @@ def wait_for(condition, proc: subprocess.Popen, seconds: float = 300) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path):
     slow = {**SMALL, "experiment": "slow",
             "grids": [{"scales": ["small"], "lrs": [1.0e-3], "seeds": [1], "methods": {"baseline": {}}}],
@@ -319,6 +323,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD)
+@pytest.mark.slow
 def test_bad_experiment_files_fail_before_any_job(tmp_path, case):
     change, message = BAD[case]
     configfile = tmp_path / "bad.yaml"
