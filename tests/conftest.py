@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from trainer.shards import write_shard
+from trainer.train import STOP_SIGNALS
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_VOCAB = 64
@@ -100,6 +103,19 @@ def run_module(module: str, *args: str, nproc: int = 1, check: bool = True, cpu:
     if check and result.returncode != 0:
         raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture
+def in_process():
+    """Training in this process: one thread (as the subprocess runs; fast on a busy CI machine),
+    and pytest gets its signal handlers back from the trainer's."""
+    threads = torch.get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 TINY_EVAL = {"batches": 6, "micro_batch": 4, "logit_batches": 3}

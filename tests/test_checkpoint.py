@@ -5,7 +5,6 @@ import errno
 import os
 import pickle
 import shutil
-import signal
 import struct
 import zipfile
 
@@ -22,6 +21,9 @@ from trainer.config import config_from_dict
 LEGACY_TINY_HASH = "fc9f4ab356cfc5b5"
 
 
+pytestmark = pytest.mark.usefixtures("in_process")  # conftest: one thread, pytest's signal handlers
+
+
 class RunsCode:
     """A pickle that runs a shell command when unpickled without weights_only."""
 
@@ -30,19 +32,6 @@ class RunsCode:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.fixture(autouse=True)
-def in_process():
-    """Training in this process: one thread (as the subprocess runs; fast on a busy CI machine),
-    and pytest gets its signal handlers back from the trainer's."""
-    threads = torch.get_num_threads()
-    handlers = {sig: signal.getsignal(sig) for sig in train_module.STOP_SIGNALS}
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 def flip_a_byte_of_the_biggest_tensor(path):

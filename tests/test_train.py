@@ -250,19 +250,6 @@ def test_every_method_trains_tied_and_untied(tmp_path, tiny_data, method):
             assert all(r["mu_norm"] < 1e-5 for r in rows)
 
 
-@pytest.fixture
-def in_process():
-    """Training in this process: one thread (as the subprocess runs; fast on a busy CI machine),
-    and pytest gets its signal handlers back from the trainer's."""
-    threads = torch.get_num_threads()
-    handlers = {sig: signal.getsignal(sig) for sig in train_module.STOP_SIGNALS}
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
 def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, tiny_data, in_process):
     run = tmp_path / "run"
     cfg = config_from_dict(tiny_config(tiny_data, train={"eval_every": 6, "eval_batches": 2}))
