@@ -211,9 +211,15 @@ def start_snakemake(repo: Path, *args) -> subprocess.Popen:
 
 
 def ctrl_c(proc: subprocess.Popen) -> None:
-    """SIGINT to the whole process group, as Ctrl-C in a terminal does."""
+    """SIGINT to the whole process group, as Ctrl-C in a terminal does; a second one if Snakemake
+    is still there after a minute (it can miss a SIGINT that arrives while it writes a log line,
+    and then retries the interrupted job, as a user would see and press Ctrl-C again)."""
     os.killpg(proc.pid, signal.SIGINT)
-    proc.communicate(timeout=120)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=120)
 
 
 def wait_for(condition, proc: subprocess.Popen, seconds: float = 300) -> None:
@@ -245,7 +251,8 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path):
     saved = max(int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*.pt"))
     assert saved >= 20
 
-    second = run_dir / "logs" / "train.attempt2.log"
+    attempts = len(list((run_dir / "logs").glob("train.attempt*.log")))
+    second = run_dir / "logs" / f"train.attempt{attempts + 1}.log"
     proc = start_snakemake(repo, target, "--configfile", str(configfile))
     wait_for(lambda: second.exists() and "resumed from" in second.read_text(), proc)
     ctrl_c(proc)
