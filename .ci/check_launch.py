@@ -44,8 +44,8 @@ def main() -> int:
                     "--mem-gb", "2", "--partition", "debug", "--account", "root", "--wait"], check=True)  # fmt: skip
     logs = sorted((launched / "submitit").rglob("*_log.out"))
     resumed = sum(path.read_text().count("resumed from") for path in logs)
-    a = torch.load(reference / "final.pt", weights_only=False)["model"]
-    b = torch.load(launched / "final.pt", weights_only=False)["model"]
+    a = torch.load(reference / "final.pt", weights_only=True)["model"]
+    b = torch.load(launched / "final.pt", weights_only=True)["model"]
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     print(
         f"launch check: {resumed} resumes after requeues, final weights {'identical' if same else 'DIFFERENT'}"

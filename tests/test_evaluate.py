@@ -47,7 +47,7 @@ def test_test_loss_equals_a_direct_computation(trained_runs, tmp_path):
     evaluate(run)
     cfg = load_config(run / "config.yaml")
     model = GPT(cfg.model, build_method(cfg.method))
-    model.load_state_dict(torch.load(run / "final.pt", weights_only=False)["model"])
+    model.load_state_dict(torch.load(run / "final.pt", weights_only=True)["model"])
     windows = ValidationSet(find_shards(cfg.data.dir, cfg.data.val_pattern), cfg.model.seq_len).read(
         range(24)
     )
