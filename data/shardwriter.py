@@ -7,18 +7,18 @@ stream the next one starts (document index and tokens of that document already w
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from trainer.shards import ShardError, read_header, read_meta, sha256, write_atomic, write_shard
+from trainer.files import write_json
+from trainer.shards import ShardError, read_header, read_meta, sha256, write_shard
 
 
 def write_meta(out: Path, meta: dict) -> None:
-    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    write_json(out / "meta.json", meta)
 
 
 class Progress:
