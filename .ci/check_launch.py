@@ -1,4 +1,4 @@
-"""CI: a run given too short a time limit still completes through SLURM requeues (trainer.launch),
+"""CI: a run given too short a time limit still completes through SLURM requeues (trainer.tools.launch),
 and its final weights equal those of an uninterrupted run. Needs the CI cluster and data/demo."""
 
 import subprocess
@@ -39,7 +39,7 @@ def main() -> int:
     reference, launched = root / "reference", root / "launched"
     subprocess.run([sys.executable, "-m", "trainer.train", "--config", str(prepare(reference)), "--out", str(reference)],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    subprocess.run([sys.executable, "-m", "trainer.launch", "--config", str(prepare(launched)), "--out", str(launched),
+    subprocess.run([sys.executable, "-m", "trainer.tools.launch", "--config", str(prepare(launched)), "--out", str(launched),
                     "--gpus", "0", "--time", "1", "--signal-delay", "30", "--max-requeues", "30", "--cpus", "1",
                     "--mem-gb", "2", "--partition", "debug", "--account", "root", "--wait"], check=True)  # fmt: skip
     logs = sorted((launched / "submitit").rglob("*_log.out"))

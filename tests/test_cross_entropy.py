@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.cross_entropy import output_lse_and_target, softcap
-from trainer.fast_path import plain_pytorch
+from trainer.ops.cross_entropy import output_lse_and_target, softcap
+from trainer.ops.fast_path import plain_pytorch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ def test_compiled_loss_matches_eager():
 KERNEL_CHECK = """
 import sys
 import torch
-from trainer import cross_entropy as ce
+from trainer.ops import cross_entropy as ce
 device = sys.argv[1]
 g = torch.Generator().manual_seed(0)
 for cap in (None, 2.0):
@@ -129,7 +129,7 @@ def test_triton_kernel_against_the_definition():
 
 
 def test_kernel_benchmark_runs_on_a_gpu_and_says_why_not_without(capsys):
-    from trainer import bench_loss
+    from trainer.tools import bench_loss
 
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):

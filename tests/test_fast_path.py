@@ -4,10 +4,10 @@ the memory rule behind micro_batch "auto"."""
 import pytest
 import torch
 
-from trainer import parity
-from trainer.bench import paper_config
 from trainer.config import micro_batch_size
 from trainer.model import GPT
+from trainer.tools import parity
+from trainer.tools.bench import paper_config
 from trainer.train import micro_tokens_for_memory
 
 H200, H100 = 143_771 * 2**20, 81_559 * 2**20  # bytes, as nvidia-smi reports them
@@ -43,7 +43,7 @@ def test_auto_micro_batch_follows_gpu_memory(scale, memory, expected):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour of bench; a GPU times --scale")
 def test_bench_on_a_cpu_refuses_paper_scales_and_times_a_run_config(tmp_path, tiny_data, capsys):
     from conftest import tiny_config, write_config
-    from trainer import bench
+    from trainer.tools import bench
 
     with pytest.raises(SystemExit):
         bench.main(["--scale", "16M"])

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import rope
-from trainer.fast_path import plain_pytorch
-from trainer.rope import apply_rope, qkv_norm_rope, rope_tables
+from trainer.ops import rope
+from trainer.ops.fast_path import plain_pytorch
+from trainer.ops.rope import apply_rope, qkv_norm_rope, rope_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,7 +150,7 @@ KERNEL_CHECK = """
 import sys
 import torch
 import torch.nn.functional as F
-from trainer import rope
+from trainer.ops import rope
 device = sys.argv[1]
 g = torch.Generator().manual_seed(0)
 # head_dim 12 (6 pairs in a block of 16), 2 x 5 x 3 x 3 = 90 rows: neither a multiple of a block

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.cross_entropy import lse_and_target_reference, output_lse_and_target, softcap
+from trainer.ops.cross_entropy import lse_and_target_reference, output_lse_and_target, softcap
 
 
 class Method:
@@ -34,7 +34,7 @@ class Method:
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor):
         """(cross-entropy to log, loss to minimise) of the logits h E^T, from each position's
-        logsumexp and target logit (fp32, computed by trainer.cross_entropy)."""
+        logsumexp and target logit (fp32, computed by trainer.ops.cross_entropy)."""
         if type(self).transform_logits is Method.transform_logits:
             lse, target_logit = output_lse_and_target(h, embedding, targets, self.cap)
         else:  # a transform of its own, which the kernel does not know: plain PyTorch

@@ -14,7 +14,7 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.methods import Method, build_method
-from trainer.rope import qkv_norm_rope, rope_tables
+from trainer.ops.rope import qkv_norm_rope, rope_tables
 
 
 def swiglu_hidden(n_embd: int) -> int:

@@ -1,7 +1,7 @@
 """The switch between the hand-written GPU kernels and plain PyTorch.
 
-The Triton kernels (trainer.cross_entropy, trainer.rope) run on CUDA tensors when Triton is
-installed; `plain_pytorch()` turns them off for a block of code (trainer.parity's plain path).
+The Triton kernels (trainer.ops.cross_entropy, trainer.ops.rope) run on CUDA tensors when Triton is
+installed; `plain_pytorch()` turns them off for a block of code (trainer.tools.parity's plain path).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Benchmark of the output-layer loss kernel (trainer.cross_entropy) on a CUDA GPU:
+"""Benchmark of the output-layer loss kernel (trainer.ops.cross_entropy) on a CUDA GPU:
 
-    python -m trainer.bench_loss [--rows 32768] [--vocab 50304] [--sweep]
+    python -m trainer.tools.bench_loss [--rows 32768] [--vocab 50304] [--sweep]
 
 prints the kernel's time and memory throughput (bytes of bf16 logits read + written per second)
 for the configured tuning, or with --sweep for a grid of settings, with and without the soft cap.
@@ -13,7 +13,7 @@ import itertools
 
 import torch
 
-from trainer import cross_entropy as ce
+from trainer.ops import cross_entropy as ce
 
 SETTINGS = ("BLOCK", "WARPS")
 SWEEP = list(itertools.product([2048, 4096, 8192, 16384], [4, 8, 16]))

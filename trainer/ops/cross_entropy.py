@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.fast_path import is_plain, tl, triton, use_triton
+from trainer.ops.fast_path import is_plain, tl, triton, use_triton
 
-# Logits per block and warps per row (python -m trainer.bench_loss --sweep): 2.18 ms for 32768 x
+# Logits per block and warps per row (python -m trainer.tools.bench_loss --sweep): 2.18 ms for 32768 x
 # 50304 bf16 logits on an H200. Walking over rows with fewer programs (so that the rows in flight
 # fit the L2 cache), software pipelining and a whole row in registers were all slower.
 BLOCK, WARPS = 4096, 8

@@ -1,4 +1,4 @@
-"""Submit one run outside the DAG: `python -m trainer.launch --config RUN/config.yaml --out RUN`.
+"""Submit one run outside the DAG: `python -m trainer.tools.launch --config RUN/config.yaml --out RUN`.
 
 For debugging a single configuration. submitit submits it to SLURM when `sbatch` is there and
 runs it as a local process otherwise. The trainer runs as a child process; on a timeout or a

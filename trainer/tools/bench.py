@@ -1,7 +1,7 @@
 """Throughput benchmark of the training step: step time, tokens/s, MFU and peak memory.
 
-    python -m trainer.bench --scale 16M --method baseline,zloss --steps 50 --compile
-    python -m trainer.bench --config RUN/config.yaml --steps 30
+    python -m trainer.tools.bench --scale 16M --method baseline,zloss --steps 50 --compile
+    python -m trainer.tools.bench --config RUN/config.yaml --steps 30
 
 With --scale the paper protocol is used (batch 64 x 2048, bf16) on synthetic tokens, so no data
 is needed. MFU follows docs/protocol.md "Throughput and MFU": (6 N_eff + 12 L H T) * tokens/s / peak, N_eff = every

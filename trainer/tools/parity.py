@@ -1,7 +1,7 @@
 """Does the fast path train like the plain one? Mean loss over the last 20 of 200 steps, both ways.
 
-    python -m trainer.parity --scale 16M --method baseline,softcap      # on a GPU
-    python -m trainer.parity                                            # a tiny model (CPU, tests)
+    python -m trainer.tools.parity --scale 16M --method baseline,softcap      # on a GPU
+    python -m trainer.tools.parity                                            # a tiny model (CPU, tests)
 
 plain: eager PyTorch, micro-batch 16, the loss as the textbook logsumexp - target logit under
 autograd. fast: torch.compile, the "auto" micro-batch, the Triton loss kernels (on CUDA). Both
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.bench import BENCH_PARAMS, GPT2_VOCAB, paper_config
 from trainer.config import RunConfig, config_from_dict
 from trainer.distributed import process_group
-from trainer.fast_path import plain_pytorch
+from trainer.ops.fast_path import plain_pytorch
 from trainer.optim import learning_rate
 from trainer.shards import write_shard
+from trainer.tools.bench import BENCH_PARAMS, GPT2_VOCAB, paper_config
 
 STEPS_AHEAD = np.array([1, 2, 3, 5])
 

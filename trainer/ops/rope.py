@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.fast_path import is_plain, tl, triton, use_triton
+from trainer.ops.fast_path import is_plain, tl, triton, use_triton
 
 # (rows per block, warps) of the forward kernel, and (rows per block, warps, blocks per program)
 # of the backward one, whose programs each sum their weight's gradient over their blocks. A row
