@@ -20,14 +20,14 @@ include: "workflow/rules/analysis.smk"
 rule all:
     default_target: True
     input:
-        f"{R}/runs.csv",
+        LAYOUT.runs_csv,
         figure_targets(),
         table_targets(),
 
 
 rule train:
     input:
-        [f"{R}/runs/{run}/final.pt" for run in GRID.runs],
+        expand(rules.train_run.output.final, run=list(GRID.runs)),
 
 
 rule figures:
@@ -41,4 +41,4 @@ rule tables:
 
 
 onsuccess:
-    print(summary(R, list(GRID.comparisons)))
+    print(summary(LAYOUT, list(GRID.comparisons)))

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_module
+from trainer.contract import RUNS_EVAL_METRICS
 from workflow.scripts.aggregate import aggregate
 from workflow.scripts.analysis import MissingMembers, compute_tables, label_divergence, lr_sensitivity
 from workflow.scripts.experiment import Experiment
@@ -98,13 +99,13 @@ def test_paper_tex_rows(published_runs, experiment, paper_experiment, published_
 def test_every_assigned_comparison_builds_tables_and_figures(published_runs, experiment, comparison):
     use_style()
     runs = published_runs[SOURCES[comparison]]
-    members = experiment.comparison(comparison)
-    tables = compute_tables(runs, experiment, members)
+    spec = experiment.comparison(comparison)
+    tables = compute_tables(runs, experiment, spec)
     assert all(len(mean) == 5 for mean, _ in tables.values())
     assert not tables["lr_sensitivity"][0].iloc[:, 2:].isna().any().any()
-    fig = make_figure("test_loss", runs, experiment, members)
+    fig = make_figure("test_loss", runs, experiment, spec)
     ax = fig.axes[0]
-    assert len(ax.lines) == len(members) * 5  # one line per member and scale
+    assert len(ax.lines) == len(spec.members) * 5  # one line per member and scale
     assert all(len(line.get_xdata()) == 7 for line in ax.lines)  # seven learning rates each
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "learning rate" and ax.get_ylabel() == "test loss"
 
@@ -319,7 +320,8 @@ def test_aggregate_lists_missing_runs(tmp_path):
     exp = hand_experiment()
     done = tmp_path / "16M-baseline-lr0.001-s1"
     done.mkdir()
-    (done / "eval.json").write_text(json.dumps({"status": "completed", "test_loss": 3.5, "mu_norm": 1.0}))
+    metrics = {**dict.fromkeys(RUNS_EVAL_METRICS, 1.0), "test_loss": 3.5}  # a complete evaluation
+    (done / "eval.json").write_text(json.dumps({"status": "completed", **metrics}))
     (done / "train.json").write_text(
         json.dumps({"status": "completed", "train_time_s": 12.0, "tokens_per_s": 99.0})
     )

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import MethodConfig, ModelConfig
-from trainer.methods import METHODS, build_method
+from trainer.contract import METHODS
+from trainer.methods import build_method
 from trainer.model import GPT
 
 CONFIGS = {

@@ -2,6 +2,8 @@
 
 Every key, its default and its range is documented in config/README.md. Loading rejects
 unknown keys, wrong types and out-of-range values with an error that names the key.
+A key with a `code` may be a grid axis; the code spells its value in run ids (workflow/scripts/runids.py).
+Imports no torch: the workflow loads every run config of a dry run through here.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import keyword
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +19,8 @@ from typing import Any
 
 import yaml
 
+from trainer.contract import DTYPES, INITS, METHODS, MLPS, OPTIMIZERS, SCHEDULES
 from trainer.files import write_atomic
-from trainer.methods import METHODS
-
-SCHEDULES = ("cosine", "constant", "wsd")
-DTYPES = ("bfloat16", "float32")
-MLPS = ("swiglu", "gelu")
-INITS = ("paper", "normal")
 
 
 class ConfigError(ValueError):
@@ -35,9 +33,11 @@ MAX_VOCAB = 2**16  # shards hold uint16 token ids: a larger vocabulary has rows 
 MAX_STEPS = 10**8 - 1  # checkpoint file names have 8 digits
 
 
-def _key(default=dataclasses.MISSING, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None):
-    """A dataclass field with its validation rules attached as metadata."""
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
+def _key(
+    default=dataclasses.MISSING, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, code=None
+):
+    """A dataclass field with its validation rules (and its run-id code) attached as metadata."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "code": code}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -45,46 +45,59 @@ def _key(default=dataclasses.MISSING, *, lo=None, hi=None, lo_open=False, hi_ope
 
 @dataclass
 class ModelConfig:
-    n_layer: int = _key(6, lo=1, hi=1024)
-    n_head: int = _key(4, lo=1, hi=1024)
-    n_embd: int = _key(224, lo=1, hi=65536)
-    vocab_size: int = _key(50304, lo=2, hi=MAX_VOCAB)  # padded vocabulary: rows of E
-    seq_len: int = _key(2048, lo=1, hi=2**20)
+    n_layer: int = _key(6, lo=1, hi=1024, code="L")
+    n_head: int = _key(4, lo=1, hi=1024, code="nh")
+    n_embd: int = _key(224, lo=1, hi=65536, code="d")
+    vocab_size: int = _key(50304, lo=2, hi=MAX_VOCAB, code="V")  # padded vocabulary: rows of E
+    seq_len: int = _key(2048, lo=1, hi=2**20, code="ctx")
     tied: bool = _key(False)
-    qk_norm: bool = _key(True)
-    rope_fraction: float = _key(0.5, lo=0.0, hi=1.0)
-    mlp: str = _key("swiglu", choices=MLPS)
-    init: str = _key("paper", choices=INITS)
+    qk_norm: bool = _key(True, code="qkn")
+    rope_fraction: float = _key(0.5, lo=0.0, hi=1.0, code="rope")
+    mlp: str = _key("swiglu", choices=tuple(MLPS), code="mlp")
+    init: str = _key("paper", choices=tuple(INITS), code="init")
 
 
 @dataclass
 class MethodConfig:
+    """The method and its hyper-parameters: one optional key per parameter of the registry
+    (trainer/contract.py METHODS), set exactly for the methods that have it."""
+
     name: str = _key("baseline", choices=tuple(METHODS))
     # `lambda` is a Python keyword: the YAML key `lambda` maps to this field.
     lambda_: float | None = _key(None, lo=0.0, lo_open=True)
     cap: float | None = _key(None, lo=0.0, lo_open=True)
 
 
+METHOD_PARAMS = tuple(dict.fromkeys(p.key for o in METHODS.values() for p in o.params))
+
+
 @dataclass
 class OptimConfig:
+    name: str = _key("adamw", choices=tuple(OPTIMIZERS), code="opt")
     lr: float = _key(1e-3, lo=0.0, lo_open=True)
-    min_lr: float = _key(1e-5, lo=0.0)
-    beta1: float = _key(0.9, lo=0.0, hi=1.0, hi_open=True)  # AdamW refuses 1
-    beta2: float = _key(0.95, lo=0.0, hi=1.0, hi_open=True)
-    eps: float = _key(1e-8, lo=0.0, lo_open=True)
-    weight_decay: float = _key(0.0, lo=0.0)
-    independent_wd: bool = _key(False)
-    grad_clip: float = _key(1.0, lo=0.0)  # 0 disables clipping
-    warmup: int = _key(5000, lo=0)
-    schedule: str = _key("cosine", choices=SCHEDULES)
+    min_lr: float = _key(1e-5, lo=0.0, code="minlr")
+    beta1: float = _key(0.9, lo=0.0, hi=1.0, hi_open=True, code="b1")  # AdamW refuses 1
+    beta2: float = _key(0.95, lo=0.0, hi=1.0, hi_open=True, code="b2")
+    eps: float = _key(1e-8, lo=0.0, lo_open=True, code="eps")
+    weight_decay: float = _key(0.0, lo=0.0, code="wd")
+    independent_wd: bool = _key(False, code="iwd")
+    grad_clip: float = _key(1.0, lo=0.0, code="clip")  # 0 disables clipping
+    warmup: int = _key(5000, lo=0, code="wu")
+    schedule: str = _key("cosine", choices=tuple(SCHEDULES), code="sched")
+    # Peak lr of each parameter role (contract.PARAM_ROLES) = optim.lr x its scale; the schedule
+    # multiplies them all alike. 1.0 everywhere is the paper's single lr.
+    embedding_lr_scale: float = _key(1.0, lo=0.0, lo_open=True, code="lre")
+    head_lr_scale: float = _key(1.0, lo=0.0, lo_open=True, code="lrh")
+    matrix_lr_scale: float = _key(1.0, lo=0.0, lo_open=True, code="lrm")
+    vector_lr_scale: float = _key(1.0, lo=0.0, lo_open=True, code="lrv")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _key(100_000, lo=1, hi=MAX_STEPS)
-    batch_size: int = _key(64, lo=1, hi=2**20)  # global, in sequences
+    steps: int = _key(100_000, lo=1, hi=MAX_STEPS, code="T")
+    batch_size: int = _key(64, lo=1, hi=2**20, code="B")  # global, in sequences
     micro_batch: int | str = _key("auto")  # sequences per forward pass and rank, or "auto"
-    dtype: str = _key("bfloat16", choices=DTYPES)
+    dtype: str = _key("bfloat16", choices=DTYPES, code="dt")
     compile: bool = _key(False)
     checkpoint_every: int = _key(1000, lo=0)  # steps; 0 = only on signals and by time
     checkpoint_minutes: float = _key(30.0, lo=0.0)  # 0 = off
@@ -217,6 +230,11 @@ def _yaml_name(f: dataclasses.Field) -> str:
     return f.name.rstrip("_")
 
 
+def field_name(yaml_name: str) -> str:
+    """The dataclass field of a YAML key (`lambda` -> `lambda_`)."""
+    return yaml_name + "_" if keyword.iskeyword(yaml_name) else yaml_name
+
+
 def _to_plain(obj) -> Any:
     if dataclasses.is_dataclass(obj):
         return {_yaml_name(f): _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -326,11 +344,12 @@ def _check_consistency(cfg: RunConfig) -> None:
             f"model.rope_fraction: rotating {head_dim}*{m.rope_fraction} dims needs an even count"
         )
     method = cfg.method
-    needs = METHODS[method.name].param
-    for key, value in (("lambda", method.lambda_), ("cap", method.cap)):
-        if key == needs and value is None:
+    needs = {p.key for p in METHODS[method.name].params}
+    for key in METHOD_PARAMS:
+        value = getattr(method, field_name(key))
+        if key in needs and value is None:
             raise ConfigError(f"method.{key}: required for method {method.name}")
-        if key != needs and value is not None:
+        if key not in needs and value is not None:
             raise ConfigError(f"method.{key}: not a parameter of method {method.name}")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
@@ -339,6 +358,39 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.micro_batch: {t.micro_batch} does not divide train.batch_size={t.batch_size}"
         )
+
+
+def _axis_fields() -> dict[str, dataclasses.Field]:
+    found = {}
+    for section in dataclasses.fields(RunConfig):
+        cls = _dataclass_type(section)
+        for f in dataclasses.fields(cls) if cls else []:
+            if f.metadata.get("code"):
+                found[f"{section.name}.{_yaml_name(f)}"] = f
+    return found
+
+
+# Run-config keys a grid may sweep (`axes`), by dotted key: those with a run-id code.
+AXES: dict[str, dataclasses.Field] = _axis_fields()
+
+
+def axis_code(key: str) -> str:
+    return AXES[key].metadata["code"]
+
+
+def axis_default(key: str) -> Any:
+    return _default(AXES[key])
+
+
+def axis_type(key: str) -> str:
+    """bool, int, float or str."""
+    kind = AXES[key].type if isinstance(AXES[key].type, str) else AXES[key].type.__name__
+    return kind.split(" ")[0]
+
+
+def check_axis_value(key: str, value: Any) -> Any:
+    """An axis value as the loader would take it (1e-3 as text -> 0.001, 0 -> 0.0 for a float)."""
+    return _check_value(key, value, AXES[key])
 
 
 def config_from_dict(raw: dict) -> RunConfig:

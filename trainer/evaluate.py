@@ -20,32 +20,33 @@ import torch
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig, load_config
+from trainer.contract import EVAL_METRICS as METRICS
+from trainer.contract import RunDir
 from trainer.distributed import Dist, process_group
 from trainer.files import write_json
 from trainer.methods import build_method
-from trainer.metrics import GEOMETRY, HIDDEN, LOGIT_STATS, LogitStatistics, embedding_geometry
+from trainer.metrics import LogitStatistics, embedding_geometry
 from trainer.model import GPT
 from trainer.shards import ShardError, ValidationSet, to_device
 from trainer.train import autocast_dtype, verified_shards
 from trainer.validation import my_micro_batches, validation_loss
 
-METRICS = ("test_loss", *GEOMETRY, *LOGIT_STATS, *HIDDEN)
 INPUT_PREFIX = "in_"  # geometry of the input embedding, where it is a different matrix
 
 
 def eval_path(run_dir: Path, step: int | None) -> Path:
-    return run_dir / ("eval.json" if step is None else f"eval_step{step}.json")
+    return Path(RunDir(run_dir).evaluation) if step is None else run_dir / f"eval_step{step}.json"
 
 
 def load_weights(run_dir: Path, step: int | None) -> tuple[dict | None, int, str, Path]:
     """(state dict or None for a diverged run, step, status, file) of final.pt or a kept
     checkpoint, verified by checkpoint.load (never unpickles code, checks the checksum)."""
     if step is None:
-        path = run_dir / "final.pt"
+        path = Path(RunDir(run_dir).final)
         state = checkpoint.load(path)
         with checkpoint.misfit_is_an_error(path):
             return state["model"], int(state["step"]), state.get("status", "completed"), path
-    kept = dict(checkpoint.list_checkpoints(run_dir / "checkpoints"))
+    kept = dict(checkpoint.list_checkpoints(Path(RunDir(run_dir).checkpoints)))
     if step not in kept:
         listing = ", ".join(str(s) for s in sorted(kept)) or "none"
         raise CheckpointError(f"{run_dir}: no checkpoint of step {step} is kept (kept steps: {listing})")
@@ -69,7 +70,7 @@ def logit_statistics(model: GPT, windows: ValidationSet, cfg: RunConfig, d: Dist
 
 def evaluate(run_dir: Path, step: int | None = None) -> dict:
     """Compute every metric of one run; returns the eval.json content (written by rank 0)."""
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(RunDir(run_dir).config)
     weights, evaluated_step, status, path = load_weights(run_dir, step)
     started = time.perf_counter()
     provenance = {"run": cfg.run, "step": evaluated_step, "status": status}

@@ -6,7 +6,8 @@ A method is up to three hooks on the output layer:
                                  lse is the logsumexp of each position's output logits
   after_step(E)               -> an in-place change after each optimizer step (mucentering)
 The logged and evaluated loss is always the plain cross-entropy of the output logits.
-A new method is a subclass registered in METHODS.
+A new method is a subclass here plus its registry entry (name, hyper-parameters, run-id code) in
+trainer/contract.py METHODS; the constructor takes the hyper-parameters in the registry's order.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.config import field_name
+from trainer.contract import METHODS, check_implements
 from trainer.ops.cross_entropy import lse_and_target_reference, output_lse_and_target, softcap
 
 
 class Method:
     name = "baseline"
-    param: str | None = None  # the hyper-parameter key of the run config (method.<param>)
     cap: float | None = None  # logits <- cap * tanh(logits / cap), applied inside the loss kernels
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,6 @@ class ZLoss(Method):
     """lambda * mean over positions of (logsumexp_j l_j)^2."""
 
     name = "zloss"
-    param = "lambda"
 
     def __init__(self, lam: float):
         self.lam = lam
@@ -62,7 +63,6 @@ class MuLoss(Method):
     """lambda * ||mu||^2, mu the row mean of E over all V rows (padding rows included)."""
 
     name = "muloss"
-    param = "lambda"
 
     def __init__(self, lam: float):
         self.lam = lam
@@ -85,20 +85,20 @@ class SoftCap(Method):
     """logits <- c * tanh(logits / c) before the loss."""
 
     name = "softcap"
-    param = "cap"
 
     def __init__(self, cap: float):
         self.cap = cap
 
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, ZLoss, MuLoss, MuCentering, SoftCap)}
+IMPLEMENTATIONS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Method, ZLoss, MuLoss, MuCentering, SoftCap)
+}
+check_implements("methods", IMPLEMENTATIONS, METHODS)
 
 
 def build_method(cfg) -> Method:
     """The method of a MethodConfig (None: baseline)."""
     if cfg is None:
         return Method()
-    cls = METHODS[cfg.name]
-    if cls.param is None:
-        return cls()
-    return cls(getattr(cfg, {"lambda": "lambda_"}.get(cls.param, cls.param)))
+    params = (getattr(cfg, field_name(p.key)) for p in METHODS[cfg.name].params)
+    return IMPLEMENTATIONS[cfg.name](*params)

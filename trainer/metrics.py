@@ -3,7 +3,7 @@
 Logit statistics use the raw logits l_tj = h_t . e_j, h after the final LayerNorm, over all V
 rows of E (padding rows included), in fp32. Standard deviations are population ones (divide
 by the count). They are computed chunk by chunk over positions, so the [positions x V] matrix
-is never held whole.
+is never held whole. Metric names: trainer/contract.py.
 """
 
 from __future__ import annotations
@@ -11,18 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-LOGIT_STATS = (
-    "logit_mean",  # mean_t mean_j l
-    "logit_std",  # mean_t std_j l
-    "logit_mean_std",  # std_t mean_j l
-    "logit_std_std",  # std_t std_j l
-    "logit_absmean",  # mean_t mean_j |l|
-    "logit_absmax",  # mean_t max_j |l|
-    "lse2",  # mean_t (logsumexp_j l)^2
-)
-GEOMETRY = ("mu_norm", "emb_norm_max", "emb_norm_mean", "emb_norm_min", "smin", "smax", "b_ratio")
-HIDDEN = ("mu_h_dot", "mu_h_cos")  # mu against the mean final hidden state
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig, load_config, micro_batch_size
+from trainer.contract import FINISHED, RunDir
 from trainer.distributed import Dist, process_group
 from trainer.files import read_log, write_atomic, write_json
 from trainer.methods import build_method
@@ -53,16 +54,6 @@ MICRO_BATCH_TOKENS = 32768  # "auto" micro-batch off CUDA: at most this many tok
 GPU_MEMORY_SHARE = 0.8
 ACTIVATION_BYTES = 44
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)  # INT: Ctrl-C
-FINISHED = ("completed", "diverged")
-LOGS = ("train.jsonl", "val.jsonl")
-ATTEMPTS = "attempts.json"  # training seconds of the earlier attempts, also those without a checkpoint
-
-
-def read_status(out: Path) -> str | None:
-    try:
-        return json.loads((out / "train.json").read_text()).get("status")
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def seconds(value) -> float:
@@ -184,7 +175,8 @@ class Run:
     def __init__(self, cfg: RunConfig, out: Path, d: Dist, restart_on_change: bool = False):
         self.cfg, self.out, self.d = cfg, out, d
         self.restart_on_change = restart_on_change
-        self.ckpt_dir = out / "checkpoints"
+        self.files = RunDir(out)  # the run directory's layout (trainer/contract.py)
+        self.ckpt_dir = Path(self.files.checkpoints)
         out.mkdir(parents=True, exist_ok=True)  # bench and parity start runs in fresh folders too
         train_shards = verified_shards(cfg, d, cfg.data.train_pattern)
         n_params = parameter_count(cfg.model)
@@ -261,25 +253,25 @@ class Run:
         """Remove the checkpoints, logs and time of a run whose config has changed since."""
         for _, path in checkpoint.list_checkpoints(self.ckpt_dir):
             path.unlink()
-        for name in (*LOGS, ATTEMPTS):
-            (self.out / name).unlink(missing_ok=True)
+        for path in (self.files.train_log, self.files.val_log, self.files.attempts):
+            Path(path).unlink(missing_ok=True)
 
     def continue_logs(self, checkpoint_time: float) -> None:
         """Count the training time of every earlier attempt, then drop the log rows of steps
         after self.step (all of them on a fresh start): they will be trained, and logged, again.
 
         An attempt killed after its last checkpoint (or before its first) has its time only in
-        its log rows, so that time is saved to ATTEMPTS before the rows go.
+        its log rows, so that time is saved to RUN/attempts.json before the rows go.
         """
         try:
-            saved = seconds(json.loads((self.out / ATTEMPTS).read_text()).get("train_time_s"))
+            saved = seconds(json.loads(Path(self.files.attempts).read_text()).get("train_time_s"))
         except (OSError, ValueError, AttributeError):
             saved = 0.0  # none yet, or damaged: the logs and the checkpoint still count
-        logged = (seconds(row.get("elapsed_s")) for _, row in read_log(self.out / "train.jsonl"))
+        logged = (seconds(row.get("elapsed_s")) for _, row in read_log(Path(self.files.train_log)))
         self.time_before = max(checkpoint_time, saved, *logged)
-        write_json(self.out / ATTEMPTS, {"train_time_s": self.time_before})
-        for name in LOGS:
-            path = self.out / name
+        write_json(Path(self.files.attempts), {"train_time_s": self.time_before})
+        for name in (self.files.train_log, self.files.val_log):
+            path = Path(name)
             kept = [line for line, row in read_log(path) if row["step"] <= self.step]
             if kept:
                 write_atomic(path, "".join(line + "\n" for line in kept))
@@ -290,8 +282,10 @@ class Run:
         """Whether AdamW's largest multipliers of lr, the step size of its first step
         lr / (1 - beta1) and the decay lr * weight_decay, overflow the weights' dtype: torch
         raises there instead of giving inf, so it is caught here as a divergence (any rank alike)."""
-        decay = max(group["weight_decay"] for group in self.optimizer.param_groups)
-        largest = max(lr / (1 - self.cfg.optim.beta1), lr * decay)
+        groups = self.optimizer.param_groups
+        largest = max(
+            lr * g["lr_scale"] * max(1 / (1 - self.cfg.optim.beta1), g["weight_decay"]) for g in groups
+        )
         return largest > torch.finfo(self.params[0].dtype).max
 
     def weights_finite(self) -> bool:
@@ -353,9 +347,9 @@ class Run:
 
     # --- the loop ----------------------------------------------------------------------------
 
-    def log(self, row: dict, name: str = "train.jsonl") -> None:
+    def log(self, row: dict, path: str | None = None) -> None:
         if self.d.is_main:
-            with open(self.out / name, "a") as f:
+            with open(path or self.files.train_log, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self.wandb is not None:
                 self.wandb.log(row, step=row["step"])
@@ -430,7 +424,7 @@ class Run:
                 val, _ = validation_loss(
                     self.net, self.val_windows, cfg.train.eval_batches, cfg.eval.micro_batch, d, self.amp
                 )
-                self.log({"step": self.step, "val_loss": val}, "val.jsonl")
+                self.log({"step": self.step, "val_loss": val}, self.files.val_log)
             by_time = (
                 cfg.train.checkpoint_minutes > 0 and now - last_ckpt >= 60 * cfg.train.checkpoint_minutes
             )
@@ -463,11 +457,11 @@ class Run:
         weights = self.model.state_dict() if status == "completed" else None
         checkpoint.save(
             {"model": weights, "status": status, "step": self.step, "config": cfg.to_dict()},
-            self.out / "final.pt",
+            Path(self.files.final),
         )
         steady = sorted(rates)[len(rates) // 2] if rates else tokens / max(train_time, 1e-9)
         write_json(
-            self.out / "train.json",
+            Path(self.files.train_info),
             {
                 "status": status,
                 "steps": self.step,
@@ -486,8 +480,8 @@ class Run:
 
 def train(cfg: RunConfig, out: Path, restart_on_change: bool = False) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    status = read_status(out)
-    if status in FINISHED and (out / "final.pt").exists():
+    status = RunDir(out).status()
+    if status in FINISHED and Path(RunDir(out).final).exists():
         print(f"{cfg.run}: already {status}, nothing to do", flush=True)
         return 0
     with process_group() as d:

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from trainer.config import RunConfig, config_from_dict, load_config
+from trainer.contract import example_params
 from trainer.distributed import process_group
 from trainer.shards import write_shard
 
 # The paper's five scales: layers and width (docs/protocol.md "Model"); heads are 4 throughout.
 PAPER_SCALES = {"16M": (6, 224), "29M": (9, 320), "57M": (12, 480), "109M": (15, 640), "221M": (21, 832)}
-BENCH_PARAMS = {"zloss": {"lambda": 1e-4}, "muloss": {"lambda": 1e-4}, "softcap": {"cap": 30.0}}
 PEAK_FLOPS = 790e12  # bf16 dense matmul peak measured on an H200 (docs/protocol.md)
 GPT2_VOCAB = 50257
 # Untimed steps below this may still hold compilation: the first steps compile, and the second one
@@ -39,7 +39,7 @@ def paper_config(scale: str, method: str, data_dir: str, tied: bool = False) -> 
             "run": f"bench-{scale}-{method}",
             "data": {"dir": data_dir, "train_pattern": "synthetic_train_*.bin"},
             "model": {"n_layer": n_layer, "n_embd": n_embd, "tied": tied},
-            "method": {"name": method, **BENCH_PARAMS.get(method, {})},
+            "method": {"name": method, **example_params(method)},
             "train": {"checkpoint_every": 0, "checkpoint_minutes": 0},
         }
     )

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from trainer.config import RunConfig, config_from_dict
+from trainer.contract import example_params
 from trainer.distributed import process_group
 from trainer.ops.fast_path import plain_pytorch
 from trainer.optim import learning_rate
 from trainer.shards import write_shard
-from trainer.tools.bench import BENCH_PARAMS, GPT2_VOCAB, paper_config
+from trainer.tools.bench import GPT2_VOCAB, paper_config
 
 STEPS_AHEAD = np.array([1, 2, 3, 5])
 
@@ -43,7 +44,7 @@ def tiny_config(data_dir: str, method: str) -> RunConfig:
             "run": f"parity-tiny-{method}",
             "data": {"dir": data_dir, "train_pattern": "synthetic_train_*.bin"},
             "model": {"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 512, "seq_len": 64},
-            "method": {"name": method, **BENCH_PARAMS.get(method, {})},
+            "method": {"name": method, **example_params(method)},
             "train": {"batch_size": 32, "checkpoint_every": 0, "checkpoint_minutes": 0},
             "optim": {"lr": 3e-3},
         }

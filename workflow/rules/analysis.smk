@@ -4,17 +4,20 @@
 rule experiment_file:
     # The analysis steps read scales, vocabulary and comparisons from this resolved copy.
     output:
-        f"{R}/experiment.yaml",
+        LAYOUT.experiment_file,
     log:
-        f"{R}/logs/experiment_file.log",
+        LAYOUT.log("experiment_file"),
     localrule: True
     conda:
         ENV
     params:
         config={
-            k: config[k]
-            for k in ("experiment", "scales", "comparisons", "protocol")
-            if k in config
+            **{
+                k: config[k]
+                for k in ("experiment", "scales", "comparisons", "protocol")
+                if k in config
+            },
+            "axes": GRID.axes,
         },
     script:
         "../scripts/configure_run.py"
@@ -25,16 +28,16 @@ if not PUBLISHED:
     rule aggregate:
         input:
             runs=eval_inputs(GRID.runs),
-            experiment=f"{R}/experiment.yaml",
+            experiment=rules.experiment_file.output[0],
         output:
             RUNS_CSV,
         log:
-            f"{R}/logs/aggregate.log",
+            LAYOUT.log("aggregate"),
         localrule: True
         conda:
             ENV
         params:
-            runs_dir=lambda wildcards: f"{R}/runs",
+            runs_dir=LAYOUT.runs_dir,
             ids=list(GRID.runs),
         shell:
             "python -m workflow.scripts.aggregate --experiment {input.experiment:q} "
@@ -44,16 +47,16 @@ if not PUBLISHED:
         # Only the runs a comparison needs: one figure or table trains only its comparison.
         input:
             runs=lambda wildcards: eval_inputs(GRID.members_runs(wildcards.comparison)),
-            experiment=f"{R}/experiment.yaml",
+            experiment=rules.experiment_file.output[0],
         output:
-            f"{R}/comparisons/{{comparison}}.csv",
+            LAYOUT.comparison_csv("{comparison}"),
         log:
-            f"{R}/logs/comparison_runs/{{comparison}}.log",
+            LAYOUT.log("comparison_runs", "{comparison}"),
         localrule: True
         conda:
             ENV
         params:
-            runs_dir=lambda wildcards: f"{R}/runs",
+            runs_dir=LAYOUT.runs_dir,
             ids=lambda wildcards: GRID.members_runs(wildcards.comparison),
         shell:
             "python -m workflow.scripts.aggregate --experiment {input.experiment:q} "
@@ -82,11 +85,11 @@ else:
     rule import_published:
         input:
             csv=[f"resources/published/{f}" for f in PUBLISHED_FILES],
-            experiment=f"{R}/experiment.yaml",
+            experiment=rules.experiment_file.output[0],
         output:
             RUNS_CSV,
         log:
-            f"{R}/logs/import_published.log",
+            LAYOUT.log("import_published"),
         localrule: True
         conda:
             ENV
@@ -98,23 +101,23 @@ else:
 rule table:
     input:
         runs=comparison_csv,
-        experiment=f"{R}/experiment.yaml",
+        experiment=rules.experiment_file.output[0],
     output:
         csv=report(
-            f"{R}/tables/{{comparison}}/{{table}}.csv",
+            LAYOUT.table("{comparison}", "{table}", "csv"),
             category="{comparison}",
             subcategory="tables",
             labels={"table": "{table}"},
         ),
-        md=f"{R}/tables/{{comparison}}/{{table}}.md",
-        tex=f"{R}/tables/{{comparison}}/{{table}}.tex",
+        md=LAYOUT.table("{comparison}", "{table}", "md"),
+        tex=LAYOUT.table("{comparison}", "{table}", "tex"),
     log:
-        f"{R}/logs/table/{{comparison}}-{{table}}.log",
+        LAYOUT.log("table", "{comparison}-{table}"),
     localrule: True
     conda:
         ENV
     params:
-        out_dir=lambda wildcards: f"{R}/tables/{wildcards.comparison}",
+        out_dir=lambda wildcards: LAYOUT.tables_dir(wildcards.comparison),
     shell:
         "python -m workflow.scripts.tables --runs {input.runs:q} --experiment {input.experiment:q} "
         "--comparison {wildcards.comparison:q} --out-dir {params.out_dir:q} "
@@ -124,24 +127,24 @@ rule table:
 rule figure:
     input:
         runs=comparison_csv,
-        experiment=f"{R}/experiment.yaml",
+        experiment=rules.experiment_file.output[0],
     output:
-        pdf=f"{R}/figures/{{comparison}}/{{figure}}.pdf",
+        pdf=LAYOUT.figure("{comparison}", "{figure}", "pdf"),
         png=report(
-            f"{R}/figures/{{comparison}}/{{figure}}.png",
+            LAYOUT.figure("{comparison}", "{figure}", "png"),
             caption="../report/figure.rst",
             category="{comparison}",
             subcategory="figures",
             labels={"figure": "{figure}"},
         ),
     log:
-        f"{R}/logs/figure/{{comparison}}-{{figure}}.log",
+        LAYOUT.log("figure", "{comparison}-{figure}"),
     localrule: True
     conda:
         ENV
     params:
-        out_dir=lambda wildcards: f"{R}/figures/{wildcards.comparison}",
-        runs_dir=[] if PUBLISHED else ["--runs-dir", f"{R}/runs"],
+        out_dir=lambda wildcards: LAYOUT.figures_dir(wildcards.comparison),
+        runs_dir=[] if PUBLISHED else ["--runs-dir", LAYOUT.runs_dir],
     shell:
         # --placeholder: a figure the data cannot give is a page that says why (the run goes on)
         "python -m workflow.scripts.figures --runs {input.runs:q} --experiment {input.experiment:q} "
@@ -152,7 +155,7 @@ rule figure:
 rule plan:
     # `snakemake plan`: jobs left per rule and scale, GPU-hours, finished runs (printed and logged).
     log:
-        f"{R}/logs/plan.txt",
+        LAYOUT.plan_log,
     localrule: True
     conda:
         ENV

@@ -24,7 +24,8 @@ try:
 except ExperimentError as err:
     raise WorkflowError(f"experiment file: {err}") from None
 
-R = f"results/{config['experiment']}"
+LAYOUT = GRID.layout  # every path of results/<experiment>/ (trainer/contract.py)
+RUN = LAYOUT.run("{run}")  # the files of one run, with the `run` wildcard
 ENV = "../../environment.yml"
 PUBLISHED = bool(config.get("published"))
 if not PUBLISHED and not GRID.runs:
@@ -43,7 +44,7 @@ for _name in GRID.comparisons:
         )
 TABLES = config["tables"]
 # runs.csv is in the report too (snakemake --report results/<experiment>/report.html)
-RUNS_CSV = report(f"{R}/runs.csv", category="runs", labels={"file": "runs.csv"})
+RUNS_CSV = report(LAYOUT.runs_csv, category="runs", labels={"file": "runs.csv"})
 DATA_META = [] if PUBLISHED else f"{config['data']['dir']}/meta.json"
 PUBLISHED_FILES = {p["file"]: p for p in config.get("published") or []}
 try:  # extra arguments of data.prepare: split as a shell would, then passed quoted, word by word
@@ -71,7 +72,7 @@ def figures_of(comparison):
     names = []
     for name in config["figures"]:
         if name == "b_ratio_hist" and not any(
-            m.method == "baseline" for m in GRID.comparisons[comparison]
+            m.method == "baseline" for m in GRID.comparisons[comparison].members
         ):
             continue  # the histogram is of the baseline member
         if name == "train_loss" and PUBLISHED:
@@ -82,7 +83,7 @@ def figures_of(comparison):
 
 def figure_targets():
     return [
-        f"{R}/figures/{c}/{f}.{ext}"
+        LAYOUT.figure(c, f, ext)
         for c in GRID.comparisons
         for f in figures_of(c)
         for ext in ("pdf", "png")
@@ -91,7 +92,7 @@ def figure_targets():
 
 def table_targets():
     return [
-        f"{R}/tables/{c}/{t}.{ext}"
+        LAYOUT.table(c, t, ext)
         for c in GRID.comparisons
         for t in TABLES
         for ext in ("csv", "md", "tex")
@@ -102,7 +103,7 @@ def table_targets():
 
 
 def run_dir(wildcards):
-    return f"{R}/runs/{wildcards.run}"
+    return LAYOUT.run(wildcards.run).path
 
 
 def scale_resource(name):
@@ -145,15 +146,16 @@ def prepare_arguments(wildcards):
 
 
 def eval_inputs(run_ids):
-    return [
-        f"{R}/runs/{r}/{name}" for r in run_ids for name in ("eval.json", "train.json")
-    ]
+    """What aggregate reads of each run: its eval.json and train.json."""
+    return expand(
+        [rules.evaluate.output[0], rules.train_run.output.info], run=list(run_ids)
+    )
 
 
 def comparison_csv(wildcards):
-    return (
-        f"{R}/runs.csv" if PUBLISHED else f"{R}/comparisons/{wildcards.comparison}.csv"
-    )
+    if PUBLISHED:
+        return rules.import_published.output[0]
+    return rules.comparison_runs.output[0].format(comparison=wildcards.comparison)
 
 
 def write_plan(path):

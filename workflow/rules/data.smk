@@ -5,7 +5,7 @@ if not PUBLISHED:
         output:
             DATA_META,
         log:
-            f"{R}/logs/prepare_data.log",
+            LAYOUT.log("prepare_data"),
         localrule: True
         conda:
             ENV

@@ -6,9 +6,9 @@
 
 rule configure_run:
     output:
-        f"{R}/runs/{{run}}/config.yaml",
+        RUN.config,
     log:
-        f"{R}/logs/configure_run/{{run}}.log",
+        LAYOUT.log("configure_run", "{run}"),
     localrule: True
     conda:
         ENV
@@ -20,14 +20,14 @@ rule configure_run:
 
 rule train_run:
     input:
-        config=f"{R}/runs/{{run}}/config.yaml",
+        config=rules.configure_run.output[0],
         data=DATA_META,
     output:
-        final=f"{R}/runs/{{run}}/final.pt",
-        info=f"{R}/runs/{{run}}/train.json",
+        final=RUN.final,
+        info=RUN.train_info,
     log:
         # the trainer's own output goes to RUN/logs/train.attempt<N>.log, one per attempt
-        f"{R}/logs/train_run/{{run}}.log",
+        LAYOUT.log("train_run", "{run}"),
     retries: 2
     conda:
         ENV
@@ -49,12 +49,12 @@ rule train_run:
 
 rule evaluate:
     input:
-        final=f"{R}/runs/{{run}}/final.pt",
-        config=f"{R}/runs/{{run}}/config.yaml",
+        final=rules.train_run.output.final,
+        config=rules.configure_run.output[0],
     output:
-        f"{R}/runs/{{run}}/eval.json",
+        RUN.evaluation,
     log:
-        f"{R}/runs/{{run}}/logs/evaluate.log",
+        f"{RUN.logs}/evaluate.log",
     retries: 1
     conda:
         ENV

@@ -1,16 +1,57 @@
-"""What the analysis steps read from an experiment file: scales (params, L0), vocabulary, comparisons."""
+"""What the analysis steps read from an experiment file: scales (params, L0), vocabulary, axes,
+comparisons.
+
+A comparison is a list of members, or a mapping with `members` and the table options:
+  rows: the axis of the table rows (default `scale`; or `lr`, or a swept run-config key)
+  over: the axis the best value is taken over, the x axis of the figures (default `lr`)
+  reference: the member rel_time is relative to (default `baseline`, same tying as each member)
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from trainer.config import AXES
 from workflow.scripts.runids import Member, parse_member
 
 DEFAULT_VOCAB = 50304
+COORDINATES = ("scale", "lr")  # axes every run has besides the swept run-config keys
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    members: tuple[Member, ...]
+    rows: str = "scale"
+    over: str = "lr"
+    reference: str = "baseline"
+
+
+def parse_comparison(name: str, spec) -> Comparison:
+    """A comparison from the experiment file; a ValueError names what is wrong."""
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - {"members", "rows", "over", "reference"})
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} (known: members, rows, over, reference)")
+        options = {k: spec[k] for k in ("rows", "over", "reference") if k in spec}
+        members = spec.get("members")
+    else:
+        options, members = {}, spec
+    if not isinstance(members, list) or not members:
+        raise ValueError("members: a list of at least one member")
+    for key in ("rows", "over"):
+        value = options.get(key)
+        if value is not None and value not in COORDINATES and value not in AXES:
+            raise ValueError(f"{key}: {value!r} is not scale, lr or a run-config axis")
+    if options.get("rows", "scale") == options.get("over", "lr"):
+        raise ValueError("rows and over must be different axes")
+    parse_member(options.get("reference", "baseline"))
+    return Comparison(name, tuple(parse_member(m) for m in members), **options)
 
 
 class Experiment:
@@ -20,9 +61,9 @@ class Experiment:
         self.scales: dict = raw.get("scales") or {}
         model = (raw.get("protocol") or {}).get("model") or {}
         self.vocab_size = int(model.get("vocab_size", DEFAULT_VOCAB))
-        self.comparisons: dict[str, list[Member]] = {
-            name: [parse_member(m) for m in members]
-            for name, members in (raw.get("comparisons") or {}).items()
+        self.axes: list[str] = list(raw.get("axes") or [])  # the swept run-config keys
+        self.comparisons: dict[str, Comparison] = {
+            name: parse_comparison(name, spec) for name, spec in (raw.get("comparisons") or {}).items()
         }
 
     @classmethod
@@ -38,7 +79,7 @@ class Experiment:
         value = self.scales.get(scale, {}).get("params")
         return float(value) if value is not None else None
 
-    def comparison(self, name: str) -> list[Member]:
+    def comparison(self, name: str) -> Comparison:
         if name not in self.comparisons:
             raise KeyError(
                 f"comparison {name!r} is not in the experiment file (known: {', '.join(self.comparisons)})"

@@ -4,11 +4,12 @@
         --comparison main --out-dir results/paper/figures/main [--only test_loss mu_norm] \
         [--runs-dir results/paper/runs] [--reference published_runs.csv]
 
-Figures: test_loss, logit_mean, logit_std, logit_absmax, mu_norm (each vs lr, log x; one colour
-per member, one marker per scale; points with the `diverged_1pct` label filled, others hollow),
-lr_sensitivity (LRS vs N, log-log), b_ratio_hist (baseline, where the data has B_ratio),
-train_loss (training curves per scale at each member's best lr, from train.jsonl; needs
---runs-dir) and overlay (test loss of these runs over the --reference runs).
+Figures: test_loss, logit_mean, logit_std, logit_absmax, mu_norm (each vs the comparison's over
+axis, lr by default, log x; one colour per member, one marker per row value (scale by default);
+points with the `diverged_1pct` label filled, others hollow), lr_sensitivity (LRS vs N, log-log;
+per row value for another rows axis), b_ratio_hist (baseline, where the data has B_ratio),
+train_loss (training curves per row value at each member's best over value, from train.jsonl;
+needs --runs-dir) and overlay (test loss of these runs over the --reference runs, per scale).
 
 A figure the data cannot give (LR sensitivity of a one-lr grid, B_ratio of data without it) is
 an error under --only, or with --placeholder (the workflow's choice) a page that says why.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -32,17 +34,19 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLoca
 
 from trainer.files import read_log  # noqa: E402
 from workflow.scripts.analysis import (  # noqa: E402
-    MissingMembers,
+    at,
+    axis_text,
     best_lr,
     compute_tables,
     curve,
     finite_loss,
     label_divergence,
-    scales_of,
+    point_means,
+    row_columns,
+    row_values,
     select,
 )
-from workflow.scripts.experiment import Experiment, comparison_arguments  # noqa: E402
-from workflow.scripts.runids import Member  # noqa: E402
+from workflow.scripts.experiment import Comparison, Experiment, comparison_arguments  # noqa: E402
 from workflow.scripts.runscsv import read_runs  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -71,11 +75,11 @@ def colours(members: list[str]) -> dict[str, str]:
     return {m: cycle[i % len(cycle)] for i, m in enumerate(members)}
 
 
-def legend(ax, members: list[str], scales: list[str], colour: dict[str, str]) -> None:
+def legend(ax, members: list[str], rows: list[str], colour: dict[str, str]) -> None:
     handles = [Line2D([], [], color=colour[m], label=m) for m in members]
     handles += [
-        Line2D([], [], color="grey", marker=MARKERS[i % len(MARKERS)], ls="", mfc="none", label=s)
-        for i, s in enumerate(scales)
+        Line2D([], [], color="grey", marker=MARKERS[i % len(MARKERS)], ls="", mfc="none", label=r)
+        for i, r in enumerate(rows)
     ]
     handles.append(
         Line2D([], [], color="grey", marker="o", ls="", label="filled: > 1% above the best member")
@@ -110,39 +114,50 @@ def compact(n: float) -> str:
     return f"{n:g}"
 
 
-def metric_points(runs: pd.DataFrame, members: list[Member], metric: str, source: str) -> pd.DataFrame:
-    """Seed-mean metric per (member, scale, lr) with the diverged_1pct label of its test loss."""
-    labels = label_divergence(runs, members, source)
-    frames = []
-    for name, rows in select(runs, members, source).items():
-        values = finite_loss(rows) if metric == "test_loss" else pd.to_numeric(rows[metric], errors="coerce")
-        g = rows.assign(y=values).groupby(["scale", "lr"], as_index=False)["y"].mean()
-        frames.append(g.assign(member=name))
-    points = pd.concat(frames, ignore_index=True)
-    return points.merge(labels[["member", "scale", "lr", "diverged_1pct"]], on=["member", "scale", "lr"])
+def metric_points(runs: pd.DataFrame, comparison: Comparison, metric: str, source: str) -> pd.DataFrame:
+    """Seed-mean metric per (member, row value, over value) with the diverged_1pct label of its test
+    loss."""
+    labels = label_divergence(runs, comparison, source)
+
+    def values(rows):
+        return finite_loss(rows) if metric == "test_loss" else pd.to_numeric(rows[metric], errors="coerce")
+
+    points = point_means(select(runs, comparison, source), comparison, values)
+    keys = ["member", comparison.rows, comparison.over]
+    return points.merge(labels[[*keys, "diverged_1pct"]], on=keys)
 
 
-def metric_vs_lr(runs, experiment, members, name, source="runs.csv"):
+def over_axis(ax, over: str, values) -> None:
+    """The x axis: lr on a log axis as in the paper; another axis log only where its values are
+    positive and span more than a decade, else linear."""
+    values = np.asarray(values, dtype=float)
+    if over == "lr" or (values.min() > 0 and values.max() > 10 * values.min()):
+        ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(plain))
+    ax.set_xlabel("learning rate" if over == "lr" else over)
+
+
+def metric_vs_over(runs, experiment, comparison, name, source="runs.csv"):
     metric, ylabel, yscale = LR_METRICS[name]
-    points = metric_points(runs, members, metric, source)
+    axis, over = comparison.rows, comparison.over
+    points = metric_points(runs, comparison, metric, source)
     if not np.isfinite(points["y"]).any():
         raise NoData(f"no finite {metric} for any member in {source}")
-    present = [m.text for m in members if m.text in set(points["member"])]
-    scales = scales_of(runs[runs["scale"].isin(points["scale"])], experiment)
+    present = [m.text for m in comparison.members if m.text in set(points["member"])]
+    rows = row_values(runs[runs[axis].isin(points[axis])], comparison, experiment)
     colour = colours(present)
     fig, ax = plt.subplots(figsize=(3.5, 2.6))
     for member in present:
-        for i, scale in enumerate(scales):
-            p = points[(points["member"] == member) & (points["scale"] == scale)].sort_values("lr")
+        for i, row in enumerate(rows):
+            p = points[(points["member"] == member) & (points[axis] == row)].sort_values(over)
             if p.empty:
                 continue
             marker = MARKERS[i % len(MARKERS)]
-            ax.plot(p["lr"], p["y"], color=colour[member], marker=marker, mfc="none", ms=3, lw=0.8)
+            ax.plot(p[over], p["y"], color=colour[member], marker=marker, mfc="none", ms=3, lw=0.8)
             filled = p[p["diverged_1pct"]]
             if not filled.empty:
-                ax.scatter(filled["lr"], filled["y"], color=colour[member], marker=marker, s=9, zorder=3)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(plain))
+                ax.scatter(filled[over], filled["y"], color=colour[member], marker=marker, s=9, zorder=3)
+    over_axis(ax, over, points[over])
     if yscale == "symlog":  # a norm: zero (mu-centering) and decades above it, nothing below
         ax.set_yscale("symlog", linthresh=1e-2)
         ax.set_ylim(bottom=0)
@@ -150,47 +165,55 @@ def metric_vs_lr(runs, experiment, members, name, source="runs.csv"):
         ax.set_yscale(yscale)
         if yscale == "log":
             plain_log_axis(ax.yaxis)
-    ax.set_xlabel("learning rate")
     ax.set_ylabel(ylabel)
-    legend(ax, present, scales, colour)
+    legend(ax, present, [axis_text(axis, r) for r in rows], colour)
     return fig
 
 
-def lrs_vs_params(runs, experiment, members, source="runs.csv"):
-    mean, _ = compute_tables(runs, experiment, members, source)["lr_sensitivity"]
-    present = list(mean.columns[2:])
-    if not any(((mean[m] > 0) & np.isfinite(mean[m])).any() for m in present):
-        few = runs.groupby("scale")["lr"].nunique().max() < 2
-        raise NoData(
-            "LR sensitivity needs at least two learning rates per scale"
-            if few
-            else "no member has a positive, finite LR sensitivity (nothing to draw on a log scale)"
-        )
+def lrs_figure(runs, experiment, comparison, source="runs.csv"):
+    """LRS vs N, log-log (a power law in N), for rows = scale; else LRS at each row value, as
+    categories on a linear axis."""
+    axis, over = comparison.rows, comparison.over
+    by_scale = axis == "scale"
+    mean, _ = compute_tables(runs, experiment, comparison, source)["lr_sensitivity"]
+    present = list(mean.columns[len(row_columns(axis)) :])
+    drawable = {m: np.isfinite(mean[m]) & ((mean[m] > 0) | (not by_scale)) for m in present}
+    if not any(ok.any() for ok in drawable.values()):
+        values = "learning rates" if over == "lr" else f"values of {over}"
+        if runs.groupby(axis)[over].nunique().max() < 2:
+            raise NoData(f"LR sensitivity needs at least two {values} per {axis}")
+        if by_scale:
+            raise NoData("no member has a positive, finite LR sensitivity (nothing to draw on a log scale)")
+        raise NoData("no member has a finite LR sensitivity")
+    x = mean["params"] if by_scale else pd.Series(range(len(mean)), index=mean.index)
     colour = colours(present)
     fig, ax = plt.subplots(figsize=(3.5, 2.6))
-    for member in present:
-        ok = np.isfinite(mean[member]) & (mean[member] > 0)
-        ax.plot(
-            mean["params"][ok], mean[member][ok], color=colour[member], marker="o", ms=3, lw=0.8, label=member
-        )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    # one labelled tick per scale (its nominal N); no minor labels crowding each other
-    ax.xaxis.set_major_locator(FixedLocator(mean["params"].tolist()))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: compact(v)))
-    ax.xaxis.set_minor_locator(NullLocator())
-    plain_log_axis(ax.yaxis)
-    ax.set_xlabel("parameters N")
+    for member, ok in drawable.items():
+        ax.plot(x[ok], mean[member][ok], color=colour[member], marker="o", ms=3, lw=0.8, label=member)
+    if by_scale:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        # one labelled tick per scale (its nominal N); no minor labels crowding each other
+        ax.xaxis.set_major_locator(FixedLocator(x.tolist()))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: compact(v)))
+        ax.xaxis.set_minor_locator(NullLocator())
+        plain_log_axis(ax.yaxis)
+        ax.set_xlabel("parameters N")
+    else:
+        ax.set_xticks(x.tolist(), [axis_text(axis, v) for v in mean[axis]])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(axis)
     ax.set_ylabel("LR sensitivity")
     ax.legend(fontsize=5)
     return fig
 
 
-def b_ratio_hist(runs, experiment, members, source="runs.csv"):
-    baseline = [m for m in members if m.method == "baseline"]
+def b_ratio_hist(runs, experiment, comparison, source="runs.csv"):
+    baseline = tuple(m for m in comparison.members if m.method == "baseline")
     if not baseline:
         raise NoData("the comparison has no baseline member")
-    rows = select(runs, baseline, source)
+    rows = select(runs, replace(comparison, members=baseline), source)
     values = pd.to_numeric(pd.concat(rows.values())["b_ratio"], errors="coerce")
     values = values[np.isfinite(values)]
     if values.empty:
@@ -210,27 +233,31 @@ def read_train_log(path: Path) -> pd.DataFrame:
     return pd.DataFrame([row for _, row in read_log(path)])
 
 
-def train_loss(runs, experiment, members, runs_dir: Path | None, source="runs.csv"):
+def train_loss(runs, experiment, comparison, runs_dir: Path | None, source="runs.csv"):
+    """One panel per row value: each member's training curve at its best over value."""
     if runs_dir is None:
         raise NoData("training curves need --runs-dir (the run directories with train.jsonl)")
-    chosen = select(runs, members, source)
-    scales = scales_of(pd.concat(chosen.values()), experiment)
+    axis, over = comparison.rows, comparison.over
+    chosen = select(runs, comparison, source)
+    rows = row_values(pd.concat(chosen.values()), comparison, experiment)
     colour = colours(list(chosen))
-    fig, axes = plt.subplots(1, len(scales), figsize=(2.2 * len(scales), 2.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.2 * len(rows), 2.2), squeeze=False)
     drawn = 0
-    for ax, scale in zip(axes[0], scales, strict=True):
-        for member, rows in chosen.items():
-            lr = best_lr(curve(rows, scale, None))
-            if math.isnan(lr):
+    for ax, row in zip(axes[0], rows, strict=True):
+        for member, member_runs in chosen.items():
+            part = at(member_runs, axis, row)
+            best = best_lr(curve(part, over))
+            if math.isnan(best):
                 continue
-            pick = rows[(rows["scale"] == scale) & np.isclose(rows["lr"], lr)].sort_values("seed")
+            pick = part[np.isclose(part[over], best)].sort_values("seed")
             log = runs_dir / pick["run"].iloc[0] / "train.jsonl"
             if not log.exists():
                 continue
             frame = read_train_log(log)
-            ax.plot(frame["step"], frame["loss"], color=colour[member], lw=0.8, label=f"{member} (lr {lr:g})")
+            label = f"{member} ({over} {best:g})"
+            ax.plot(frame["step"], frame["loss"], color=colour[member], lw=0.8, label=label)
             drawn += 1
-        ax.set_title(scale)
+        ax.set_title(axis_text(axis, row))
         ax.set_xlabel("step")
         ax.legend(fontsize=4)
     axes[0][0].set_ylabel("training loss")
@@ -241,49 +268,62 @@ def train_loss(runs, experiment, members, runs_dir: Path | None, source="runs.cs
 
 
 def overlay(
-    runs, experiment, members, reference: pd.DataFrame | None, source="runs.csv", reference_source="reference"
+    runs,
+    experiment,
+    comparison,
+    reference: pd.DataFrame | None,
+    source="runs.csv",
+    reference_source="reference",
 ):
     if reference is None:
         raise NoData("the overlay needs --reference runs.csv")
-    ours = metric_points(runs, members, "test_loss", source)
-    theirs = metric_points(reference, members, "test_loss", reference_source)
+    if comparison.rows != "scale":  # the reference (the published runs) is a grid of scales
+        raise NoData(f"the overlay is per scale; the rows of this comparison are {comparison.rows}")
+    over = comparison.over
+    ours = metric_points(runs, comparison, "test_loss", source)
+    theirs = metric_points(reference, comparison, "test_loss", reference_source)
     both = sorted(
         set(zip(ours["member"], ours["scale"], strict=True))
         & set(zip(theirs["member"], theirs["scale"], strict=True))
     )
     if not both:
         raise NoData(f"no member and scale is in both {source} and {reference_source}")
-    colour = colours([m.text for m in members])
+    colour = colours([m.text for m in comparison.members])
     fig, ax = plt.subplots(figsize=(3.5, 2.6))
     for member, scale in both:
         for frame, style in ((ours, "-"), (theirs, "--")):
-            p = frame[(frame["member"] == member) & (frame["scale"] == scale)].sort_values("lr")
-            ax.plot(p["lr"], p["y"], ls=style, color=colour[member], marker="o", ms=2, lw=0.8)
+            p = frame[(frame["member"] == member) & (frame["scale"] == scale)].sort_values(over)
+            ax.plot(p[over], p["y"], ls=style, color=colour[member], marker="o", ms=2, lw=0.8)
     handles = [Line2D([], [], color=colour[m], label=m) for m in sorted({m for m, _ in both})]
     handles += [
         Line2D([], [], color="grey", ls="-", label="ours"),
         Line2D([], [], color="grey", ls="--", label="reference"),
     ]
     ax.legend(handles=handles, fontsize=5)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(plain))
-    ax.set_xlabel("learning rate")
+    over_axis(ax, over, pd.concat([ours[over], theirs[over]]))
     ax.set_ylabel("test loss")
     return fig
 
 
 def make_figure(
-    name, runs, experiment, members, source="runs.csv", runs_dir=None, reference=None, reference_source=None
+    name,
+    runs,
+    experiment,
+    comparison,
+    source="runs.csv",
+    runs_dir=None,
+    reference=None,
+    reference_source=None,
 ):
     if name in LR_METRICS:
-        return metric_vs_lr(runs, experiment, members, name, source)
+        return metric_vs_over(runs, experiment, comparison, name, source)
     if name == "lr_sensitivity":
-        return lrs_vs_params(runs, experiment, members, source)
+        return lrs_figure(runs, experiment, comparison, source)
     if name == "b_ratio_hist":
-        return b_ratio_hist(runs, experiment, members, source)
+        return b_ratio_hist(runs, experiment, comparison, source)
     if name == "train_loss":
-        return train_loss(runs, experiment, members, runs_dir, source)
-    return overlay(runs, experiment, members, reference, source, reference_source or "reference")
+        return train_loss(runs, experiment, comparison, runs_dir, source)
+    return overlay(runs, experiment, comparison, reference, source, reference_source or "reference")
 
 
 def placeholder(name: str, reason: str):
@@ -327,18 +367,18 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name in names:
         try:
-            members = experiment.comparison(args.comparison)
+            comparison = experiment.comparison(args.comparison)
             fig = make_figure(
                 name,
                 runs,
                 experiment,
-                members,
+                comparison,
                 args.runs,
                 Path(args.runs_dir) if args.runs_dir else None,
                 reference,
                 args.reference,
             )
-        except (NoData, MissingMembers, KeyError) as err:
+        except (ValueError, KeyError) as err:  # NoData, MissingMembers, a comparison the data cannot give
             drawn_instead = args.placeholder and isinstance(err, NoData)
             verdict = "placeholder" if drawn_instead else "error" if args.only else "skipped"
             print(f"{verdict}: {args.comparison}/{name}: {err}", file=sys.stderr)

@@ -1,28 +1,27 @@
 """The experiment file turned into runs: shared by the Snakefile, plan and the tests.
 
-The runs are the union of the grids' products, one per run id. Each run's config is the
-experiment's `protocol`, then the scale's architecture, then the grid's and the method's
-`overrides`, then the run's own coordinates (method, value, lr, seed, tying).
+The runs are the union of the grids' products, one per run id. A grid's product is over its
+scales, methods (and their values), lrs, seeds, tying, each of its `axes` (a run-config key and
+its values) and each of its `zip` groups (keys whose i-th values go together). Each run's config
+is the experiment's `protocol`, then the scale's architecture, then the grid's and the method's
+`overrides`, then the run's own coordinates (method, value, lr, seed, tying, axis values).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from trainer.config import ConfigError, config_from_dict
-from workflow.scripts.runids import (
-    METHOD_PARAM,
-    RUN_WILDCARD,
-    VALUE_PREFIX,
-    Member,
-    RunKey,
-    parse_member,
-    parse_run_id,
-)
+from trainer.config import AXES, ConfigError, axis_default, check_axis_value, config_from_dict
+from trainer.contract import METHODS, ExperimentDir
+from workflow.scripts.experiment import Comparison, parse_comparison
+from workflow.scripts.runids import RUN_WILDCARD, RunKey, method_param, parse_run_id
 
 # Every name of the experiment file that becomes a path component or a shell word: a letter or
 # digit, then letters, digits, '.', '_', '-' (never '..', '/', a space or a quote).
@@ -96,9 +95,9 @@ def coerce_numbers(config: dict) -> None:
             grid["lrs"] = [number(x) for x in grid["lrs"]]
         for spec in (grid.get("methods") or {}).values():
             if isinstance(spec, dict):
-                for key in ("lambda", "cap"):
-                    if isinstance(spec.get(key), list):
-                        spec[key] = [number(x) for x in spec[key]]
+                for key, values in spec.items():
+                    if key != "overrides" and isinstance(values, list):
+                        spec[key] = [number(x) for x in values]
 
 
 def check_run_id(where: str, key: RunKey) -> None:
@@ -118,6 +117,7 @@ class Run:
     key: RunKey
     grid: int
     overrides: dict
+    axis_values: dict = field(default_factory=dict)  # every axis of its grid, defaults included
 
     @property
     def id(self) -> str:
@@ -131,16 +131,19 @@ class Grid:
         check_names(config)
         self.config = config
         self.experiment = config["experiment"]
+        self.layout = ExperimentDir(self.experiment)
         self.scales: dict = config.get("scales") or {}
         self.runs: dict[str, Run] = {}
+        self.axes: list[str] = []  # every swept run-config key, in order of appearance
         for i, grid in enumerate(config.get("grids") or []):
             self._expand(i, grid)
-        self.comparisons: dict[str, list[Member]] = {}
-        for name, members in (config.get("comparisons") or {}).items():
+        self.comparisons: dict[str, Comparison] = {}
+        for name, spec in (config.get("comparisons") or {}).items():
             try:
-                self.comparisons[name] = [parse_member(m) for m in members]
+                self.comparisons[name] = parse_comparison(name, spec)
             except ValueError as err:
                 raise ExperimentError(f"comparisons.{name}: {err}") from None
+            self._check_comparison_axes(self.comparisons[name])
         self._check_protocol_everywhere()  # before any job
 
     def _expand(self, i: int, grid: dict) -> None:
@@ -155,35 +158,91 @@ class Grid:
                 raise ExperimentError(f"scales.{scale}: {' and '.join(missing)} needed to train it")
         for method, spec in grid["methods"].items():
             spec = spec or {}
-            param = METHOD_PARAM.get(method)
+            if method not in METHODS:
+                raise ExperimentError(
+                    f"{where}.methods: unknown method {method!r} (known: {', '.join(METHODS)})"
+                )
+            param = method_param(method)
+            extra = sorted(set(spec) - {"overrides", param})
+            if extra:
+                raise ExperimentError(
+                    f"{where}.methods.{method}.{extra[0]}: not a parameter of {method} "
+                    f"({'its parameter: ' + param if param else 'it has none'})"
+                )
             values = spec.get(param) if param else [None]
             if param and not values:
                 raise ExperimentError(f"{where}.methods.{method}.{param}: {method} needs a list of values")
             overrides = deep_merge(grid.get("overrides") or {}, spec.get("overrides") or {})
-            for scale in grid["scales"]:
-                for value in values:
-                    for lr in grid["lrs"]:
-                        for seed in grid["seeds"]:
-                            for tied in grid.get("tied", [False]):
-                                key = RunKey(
-                                    scale,
-                                    method,
-                                    None if value is None else float(value),
-                                    float(lr),
-                                    int(seed),
-                                    bool(tied),
-                                )
-                                check_run_id(where, key)
-                                if key.run_id in self.runs:
-                                    raise ExperimentError(
-                                        f"{where}: run {key.run_id} is already made by grids[{self.runs[key.run_id].grid}]"
-                                    )
-                                self.runs[key.run_id] = Run(key, i, overrides)
+            axis_points = self._axis_points(where, grid, overrides)
+            for scale, value, lr, seed, tied, point in itertools.product(
+                grid["scales"], values, grid["lrs"], grid["seeds"], grid.get("tied", [False]), axis_points
+            ):
+                key = RunKey(
+                    scale,
+                    method,
+                    None if value is None else float(value),
+                    float(lr),
+                    int(seed),
+                    bool(tied),
+                    RunKey.axes_of(point),
+                )
+                check_run_id(where, key)
+                if key.run_id in self.runs:
+                    raise ExperimentError(
+                        f"{where}: run {key.run_id} is already made by grids[{self.runs[key.run_id].grid}] "
+                        "(grids that differ only in `overrides` make the same runs: sweep the key as an axis)"
+                    )
+                self.runs[key.run_id] = Run(key, i, overrides, point)
+
+    def _axis_points(self, where: str, grid: dict, overrides: dict) -> list[dict[str, Any]]:
+        """The grid's axis values, one dict per point of the product of `axes` and `zip` groups."""
+        groups = [[{key: v} for v in values] for key, values in (grid.get("axes") or {}).items()]
+        for j, group in enumerate(grid.get("zip") or []):
+            lengths = {len(values) for values in group.values()}
+            if len(lengths) != 1:
+                raise ExperimentError(f"{where}.zip[{j}]: the lists differ in length ({sorted(lengths)})")
+            groups.append([dict(zip(group, row, strict=True)) for row in zip(*group.values(), strict=True)])
+        keys = [key for group in groups for key in group[0]]
+        for key in keys:
+            if key not in AXES:
+                raise ExperimentError(
+                    f"{where}.axes: {key!r} is not a run-config key that can be swept (see config/README.md "
+                    "'Axes'; lr, seed, method and tying have their own grid keys)"
+                )
+            section, _, name = key.partition(".")
+            if name in (overrides.get(section) or {}):
+                raise ExperimentError(f"{where}: {key} is both an axis and an override")
+            if key not in self.axes:
+                self.axes.append(key)
+        if len(set(keys)) != len(keys):
+            raise ExperimentError(f"{where}: an axis appears twice in axes and zip")
+        points = []
+        for combination in itertools.product(*groups):
+            point = {k: v for part in combination for k, v in part.items()}
+            try:
+                points.append({k: check_axis_value(k, v) for k, v in point.items()})
+            except ConfigError as err:
+                raise ExperimentError(f"{where}.axes: {err}") from None
+        return points
+
+    def _check_comparison_axes(self, comparison: Comparison) -> None:
+        where = f"comparisons.{comparison.name}"
+        for key in (comparison.rows, comparison.over):
+            if key in AXES and key not in self.axes:
+                raise ExperimentError(
+                    f"{where}: {key} is not an axis of any grid (axes: {self.axes or 'none'})"
+                )
+        for member in comparison.members:
+            for key, _ in member.pins:
+                if key != "scale" and key not in self.axes:
+                    raise ExperimentError(
+                        f"{where}: member {member.text!r} pins {key}, which no grid sweeps (axes: {self.axes or 'none'})"
+                    )
 
     def _check_protocol_everywhere(self) -> None:
         seen = set()
         for run in self.runs.values():
-            signature = (run.key.scale, run.grid, run.key.method)
+            signature = (run.key.scale, run.grid, run.key.method, run.key.axes)
             if signature not in seen:
                 seen.add(signature)
                 self.run_config(run.id)
@@ -191,8 +250,9 @@ class Grid:
     # --- one run ---------------------------------------------------------------------------
 
     def run_dir(self, run_id: str) -> str:
-        return f"results/{self.experiment}/runs/{run_id}"
+        return self.layout.run(run_id).path
 
+    @functools.cache  # noqa: B019 (one grid per workflow; the configs are asked for again and again)
     def run_config(self, run_id: str) -> dict:
         """The resolved run config (a plain dict), checked by the trainer's own loader."""
         run = self.runs[run_id]
@@ -210,9 +270,12 @@ class Grid:
         )
         base = deep_merge(base, {"model": {k: scale[k] for k in ARCH_KEYS if k in scale}})
         base = deep_merge(base, run.overrides)
+        for dotted, value in run.axis_values.items():
+            section, _, name = dotted.partition(".")
+            base = deep_merge(base, {section: {name: value}})
         method = {"name": key.method}
-        if key.method in VALUE_PREFIX:
-            method[METHOD_PARAM[key.method]] = key.value
+        if method_param(key.method):
+            method[method_param(key.method)] = key.value
         base = deep_merge(
             base,
             {
@@ -228,6 +291,16 @@ class Grid:
         except ConfigError as err:
             raise ExperimentError(f"run {run_id} (protocol, scales.{key.scale}, overrides): {err}") from None
         return base
+
+    def axis_value(self, run_id: str, key: str) -> Any:
+        """The run's value of a run-config key (swept or not), or of `scale`."""
+        if key == "scale":
+            return self.runs[run_id].key.scale
+        section, _, name = key.partition(".")
+        config = self.run_config(run_id)
+        if name in (config.get(section) or {}):
+            return check_axis_value(key, config[section][name])
+        return axis_default(key)
 
     def resources(self, scale: str) -> dict:
         return {**DEFAULT_RESOURCES, **(self.scales[scale].get("resources") or {})}
@@ -250,19 +323,20 @@ class Grid:
 
     def members_runs(self, comparison: str) -> list[str]:
         """Run ids of the comparison's members, in grid order."""
-        members = self.comparisons[comparison]
-        return [
-            r.id
-            for r in self.runs.values()
-            if any(m.matches(r.key.method, r.key.value, r.key.tied) for m in members)
-        ]
+        members = self.comparisons[comparison].members
+        return [r.id for r in self.runs.values() if any(self._matches(m, r) for m in members)]
 
     def absent_members(self, comparison: str) -> list[str]:
         return [
             m.text
-            for m in self.comparisons[comparison]
-            if not any(m.matches(r.key.method, r.key.value, r.key.tied) for r in self.runs.values())
+            for m in self.comparisons[comparison].members
+            if not any(self._matches(m, r) for r in self.runs.values())
         ]
+
+    def _matches(self, member, run: Run) -> bool:
+        return member.matches(
+            run.key.method, run.key.value, run.key.tied, lambda key: self.axis_value(run.id, key)
+        )
 
 
 def read_yaml(path: str | Path) -> dict:

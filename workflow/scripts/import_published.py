@@ -17,15 +17,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from trainer.contract import PUBLISHED
 from workflow.scripts.experiment import Experiment
-from workflow.scripts.runids import VALUE_PREFIX, RunKey
+from workflow.scripts.runids import RunKey, method_param
 from workflow.scripts.runscsv import write_runs
 
 NAME = re.compile(
     r"^wor(?P<code>.)0(?P<variant>.)-(?P<size>[^-]+)-13p1B-100k-bs64-lr(?P<lr>\d+)-(?P<method>[a-z]+?)(?P<wt>wt)?"
     r"-g(?P<value>[0-9.e+-]+)-s(?P<seed>\d+)$"
 )
-METHODS = {
+METHODS = {  # the paper's method names -> ours (a test checks these against the registry)
     "baseline": "baseline",
     "zloss": "zloss",
     "muloss": "muloss",
@@ -62,7 +63,7 @@ def decode_name(name: str, source: str) -> RunKey:
     if not m or m["method"] not in METHODS:
         raise PublishedFormatError(f"{source}: cannot decode run name {name!r}")
     method = METHODS[m["method"]]
-    value = float(m["value"]) if method in VALUE_PREFIX else None
+    value = float(m["value"]) if method_param(method) else None
     lr = float(
         f"{int(m['lr'])}e-4"
     )  # lr in units of 1e-4, without binary noise (3e-4, not 3.0000000000000003e-4)
@@ -88,7 +89,7 @@ def import_file(path: Path, experiment: Experiment) -> pd.DataFrame:
             "lr": key.lr,
             "seed": key.seed,
             "tied": key.tied,
-            "status": "published",
+            "status": PUBLISHED,
         }
         for column, metric in COLUMN_MAP.items():
             out[metric] = (

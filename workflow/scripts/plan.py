@@ -10,29 +10,15 @@ second for the 560-run paper grid.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from trainer.contract import RunDir
 from workflow.scripts.grid import ExperimentError, Grid, load
 
 RULES = ("configure_run", "train_run", "evaluate")
-
-
-def run_state(run_dir: Path) -> str:
-    """finished (evaluated) | trained | started (checkpoints) | configured | new."""
-    if (run_dir / "eval.json").exists():
-        return "finished"
-    try:
-        if json.loads((run_dir / "train.json").read_text()).get("status") in ("completed", "diverged"):
-            return "trained"
-    except (FileNotFoundError, json.JSONDecodeError):
-        pass
-    if any((run_dir / "checkpoints").glob("step_*.pt")):
-        return "started"
-    return "configured" if (run_dir / "config.yaml").exists() else "new"
 
 
 def plan(grid: Grid, root: Path = Path(".")) -> dict:
@@ -41,7 +27,7 @@ def plan(grid: Grid, root: Path = Path(".")) -> dict:
     finished = Counter()
     states = {}
     for run_id, run in grid.runs.items():
-        state = run_state(root / grid.run_dir(run_id))
+        state = RunDir(root / grid.run_dir(run_id)).state()
         states[run_id] = state
         scale = run.key.scale
         if state == "finished":

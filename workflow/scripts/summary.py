@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from trainer.contract import ExperimentDir
+
 HEADLINE = "lr_sensitivity"
 
 
-def summary(results: str | Path, comparisons: list[str]) -> str:
-    results = Path(results)
+def summary(layout: ExperimentDir, comparisons: list[str]) -> str:
+    results = Path(layout.path)
     lines = []
-    runs_csv = results / "runs.csv"
+    runs_csv = Path(layout.runs_csv)
     if runs_csv.exists():
         counts = pd.read_csv(runs_csv)["status"].value_counts()
         ended = ", ".join(f"{n} {status}" for status, n in counts.items())
@@ -24,7 +26,7 @@ def summary(results: str | Path, comparisons: list[str]) -> str:
             n = sum(1 for p in folder.rglob("*") if p.suffix in (".md", ".png"))
             lines.append(f"{kind}: {n} in {folder}/<comparison>/")
     if comparisons:
-        headline = results / "tables" / comparisons[0] / f"{HEADLINE}.md"
+        headline = Path(layout.table(comparisons[0], HEADLINE, "md"))
         if headline.exists():
             lines += [
                 "",

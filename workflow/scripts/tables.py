@@ -3,8 +3,10 @@
     python -m workflow.scripts.tables --runs runs.csv --experiment config/paper.yaml \
         --comparison main --out-dir results/paper/tables/main [--only lr_sensitivity]
 
-Rows are scales (by nominal N), columns the members as the experiment file writes them.
-LaTeX rows follow the paper: `16000000 & 0.306 & 0.054 & 0.031 & 0.028`, joined by ` \\\\ `.
+Rows are scales (by nominal N), or the values of the comparison's rows axis; columns the members
+as the experiment file writes them. best_lr is the best value of the over axis (lr by default).
+LaTeX rows follow the paper: `16000000 & 0.306 & 0.054 & 0.031 & 0.028`, joined by ` \\\\ `
+(a rows axis other than scale: its value first).
 With several seeds the cells are mean +- std (the .csv holds the mean; <table>.std.csv the std).
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from trainer.files import write_atomic
-from workflow.scripts.analysis import TABLES, MissingMembers, compute_tables
+from workflow.scripts.analysis import TABLES, MissingMembers, axis_text, compute_tables, row_columns
 from workflow.scripts.experiment import Experiment, comparison_arguments
 from workflow.scripts.runscsv import read_runs
 
@@ -36,12 +38,17 @@ FORMATS = {
 }
 
 
-def cell(table: str, mean: float, std: float | None, tex: bool) -> str:
+def formatter(table: str, over: str = "lr"):
+    """best_lr holds the best value of the over axis: an lr in the paper's spelling, else plain."""
+    return (lambda x: f"{x:g}") if table == "best_lr" and over != "lr" else FORMATS[table]
+
+
+def cell(form, mean: float, std: float | None, tex: bool) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
-    text = FORMATS[table](mean)
+    text = form(mean)
     if std is not None and not math.isnan(std):
-        text += (" $\\pm$ " if tex else " ± ") + FORMATS[table](std).rstrip("%")
+        text += (" $\\pm$ " if tex else " ± ") + form(std).rstrip("%")
     return text.replace("%", "\\%") if tex else text
 
 
@@ -49,30 +56,43 @@ def params_text(p: float) -> str:
     return str(int(p)) if float(p).is_integer() else str(p)
 
 
-def to_tex(table: str, mean: pd.DataFrame, std: pd.DataFrame | None) -> str:
-    members = list(mean.columns[2:])
-    rows = []
+def leading_cells(r: pd.Series, axis: str) -> list[str]:
+    """A row's first cells: its scale and nominal N, or its value of the rows axis."""
+    return [r["scale"], params_text(r["params"])] if axis == "scale" else [axis_text(axis, r[axis])]
+
+
+def body(table: str, mean: pd.DataFrame, std: pd.DataFrame | None, over: str, tex: bool):
+    """(leading cells, member cells) per row."""
+    axis = mean.columns[0]
+    members = list(mean.columns[len(row_columns(axis)) :])
+    form = formatter(table, over)
     for i, r in mean.iterrows():
-        cells = [cell(table, r[m], None if std is None else std.loc[i, m], tex=True) for m in members]
-        rows.append(" & ".join([params_text(r["params"]), *cells]))
+        cells = [cell(form, r[m], None if std is None else std.loc[i, m], tex=tex) for m in members]
+        yield leading_cells(r, axis), cells
+
+
+def to_tex(table: str, mean: pd.DataFrame, std: pd.DataFrame | None, over: str = "lr") -> str:
+    # the paper's rows start with N, not the scale's name
+    rows = [" & ".join([lead[-1], *cells]) for lead, cells in body(table, mean, std, over, tex=True)]
     return " \\\\\n".join(rows) + "\n"
 
 
-def to_markdown(table: str, mean: pd.DataFrame, std: pd.DataFrame | None) -> str:
-    members = list(mean.columns[2:])
-    lines = ["| scale | params | " + " | ".join(members) + " |", "|" + "---|" * (len(members) + 2)]
-    for i, r in mean.iterrows():
-        cells = [cell(table, r[m], None if std is None else std.loc[i, m], tex=False) for m in members]
-        lines.append(f"| {r['scale']} | {params_text(r['params'])} | " + " | ".join(cells) + " |")
+def to_markdown(table: str, mean: pd.DataFrame, std: pd.DataFrame | None, over: str = "lr") -> str:
+    lines = ["| " + " | ".join(mean.columns) + " |", "|" + "---|" * len(mean.columns)]
+    lines += [
+        "| " + " | ".join([*lead, *cells]) + " |" for lead, cells in body(table, mean, std, over, tex=False)
+    ]
     return "\n".join(lines) + "\n"
 
 
-def write_table(out_dir: Path, table: str, mean: pd.DataFrame, std: pd.DataFrame | None) -> list[Path]:
+def write_table(
+    out_dir: Path, table: str, mean: pd.DataFrame, std: pd.DataFrame | None, over: str = "lr"
+) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{table}.{ext}" for ext in ("csv", "md", "tex")]
     write_atomic(paths[0], mean.to_csv(index=False))
-    write_atomic(paths[1], to_markdown(table, mean, std))
-    write_atomic(paths[2], to_tex(table, mean, std))
+    write_atomic(paths[1], to_markdown(table, mean, std, over))
+    write_atomic(paths[2], to_tex(table, mean, std, over))
     if std is not None:
         write_atomic(out_dir / f"{table}.std.csv", std.to_csv(index=False))
     return paths
@@ -84,15 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     experiment = Experiment.load(args.experiment)
     try:
-        tables = compute_tables(
-            read_runs(args.runs), experiment, experiment.comparison(args.comparison), args.runs
-        )
+        comparison = experiment.comparison(args.comparison)
+        tables = compute_tables(read_runs(args.runs), experiment, comparison, args.runs)
     except (MissingMembers, KeyError, ValueError) as err:
         print(f"error: comparison {args.comparison}: {err}", file=sys.stderr)
         return 2
     for table in args.only or TABLES:
         mean, std = tables[table]
-        write_table(Path(args.out_dir), table, mean, std)
+        write_table(Path(args.out_dir), table, mean, std, comparison.over)
     print(f"{args.out_dir}: {', '.join(args.only or TABLES)}")
     return 0
 
