@@ -234,6 +234,19 @@ def test_rel_time_is_relative_to_the_reference_member(tmp_path):
 # --- the mixing guard ----------------------------------------------------------------------
 
 
+def command_line(tmp_path, exp) -> list[str]:
+    """The arguments tables and figures share, for comparison c of exp over tmp_path/runs.csv."""
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp.raw))
+    return [
+        "--runs",
+        str(tmp_path / "runs.csv"),
+        "--experiment",
+        str(tmp_path / "exp.yaml"),
+        "--comparison",
+        "c",
+    ]
+
+
 def test_a_member_mixing_an_axis_is_an_error_naming_it(tmp_path, capsys):
     runs = runs_csv(
         [*sweep("tiny", "baseline", [4.0, 3.0, 3.5]), *sweep("tiny", "baseline", [3.9, 3.1, 3.3], mlp="gelu")],
@@ -252,15 +265,7 @@ def test_a_member_mixing_an_axis_is_an_error_naming_it(tmp_path, capsys):
     pinned = compute_tables(runs, exp, exp.comparison("pinned"))
     assert cells(pinned, "best_loss", "baseline,model.mlp=gelu") == [3.1]
     assert cells(compute_tables(runs, exp, exp.comparison("rows")), "best_loss", "baseline") == [3.1, 3.0]
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp.raw))
-    common = [
-        "--runs",
-        str(tmp_path / "runs.csv"),
-        "--experiment",
-        str(tmp_path / "exp.yaml"),
-        "--comparison",
-        "c",
-    ]
+    common = command_line(tmp_path, exp)
     assert tables.main([*common, "--out-dir", str(tmp_path / "tables")]) == 2
     assert (
         figures.main([*common, "--out-dir", str(tmp_path / "fig"), "--only", "test_loss", "--placeholder"])
@@ -304,15 +309,7 @@ def test_lr_must_be_the_rows_or_over_axis(tmp_path):
 def test_tables_and_figures_of_a_rows_comparison_from_the_command_line(tmp_path):
     write_runs(pd.DataFrame(SCHEDULE_RUNS), tmp_path / "runs.csv", AXES)
     exp = experiment(c={"members": ["baseline", "zloss:1e-4"], "rows": "optim.schedule"})
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp.raw))
-    common = [
-        "--runs",
-        str(tmp_path / "runs.csv"),
-        "--experiment",
-        str(tmp_path / "exp.yaml"),
-        "--comparison",
-        "c",
-    ]
+    common = command_line(tmp_path, exp)
     assert tables.main([*common, "--out-dir", str(tmp_path / "tables")]) == 0
     assert (tmp_path / "tables" / "best_loss.md").read_text().splitlines()[2] == "| cosine | 3.00 | 3.10 |"
     assert pd.read_csv(tmp_path / "tables" / "best_loss.csv").columns[0] == "optim.schedule"

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -194,6 +195,27 @@ def test_demo_shape_end_to_end_then_noop_then_exact_reruns(tmp_path):
     assert retrained == {
         f"{s}-zloss-g0.0001-lr{lr}-s1" for s in ("tiny", "small") for lr in ("0.001", "0.01")
     }
+
+
+@pytest.mark.slow
+def test_axes_demo_shape_end_to_end(tmp_path):
+    """config/axes_demo.yaml's grid and comparisons at the small shape's size: a column per axis
+    in runs.csv, tables with a row per value of the other axis, figures."""
+    experiment = yaml.safe_load((REPO / "config" / "axes_demo.yaml").read_text())
+    experiment.update({k: SMALL[k] for k in ("experiment", "data", "protocol", "scales")})
+    experiment["grids"][0].update(scales=["tiny"], lrs=[1.0e-3, 1.0e-2])
+    repo, configfile = workspace(tmp_path, experiment)
+    run_in(repo, "-c2", "--configfile", str(configfile))
+    out = repo / "results" / "small"
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 2 * 2 * 2 and set(runs["status"]) == {"completed"}
+    assert set(runs["optim.schedule"]) == {"cosine", "wsd"} and set(runs["model.mlp"]) == {"swiglu", "gelu"}
+    assert "tiny-baseline-lr0.01-s1-mlp_gelu-sched_wsd" in set(runs["run"])
+    for comparison, rows in (("schedule", ["gelu", "swiglu"]), ("mlp", ["cosine", "wsd"])):
+        table = pd.read_csv(out / "tables" / comparison / "best_loss.csv")
+        assert table.iloc[:, 0].tolist() == rows and table.iloc[:, 1:].notna().all().all()
+        for figure in experiment["figures"]:
+            assert (out / "figures" / comparison / f"{figure}.png").stat().st_size > 0
 
 
 def start_snakemake(repo: Path, *args) -> subprocess.Popen:

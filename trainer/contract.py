@@ -111,7 +111,8 @@ TRAIN_METRICS = ("train_time_s", "tokens_per_s")  # train.json
 # them is an error naming the run and the metric (aggregate).
 RUNS_EVAL_METRICS = ("test_loss", *GEOMETRY, *LOGIT_STATS)
 
-FINISHED = ("completed", "diverged")  # train.json statuses of a run that is done training
+COMPLETED = "completed"
+FINISHED = (COMPLETED, "diverged")  # train.json statuses of a run that is done training
 MISSING = "missing"  # runs.csv: asked for, never evaluated
 PUBLISHED = "published"  # runs.csv: imported from the paper's CSVs
 STATUSES = (*FINISHED, MISSING, PUBLISHED)

@@ -37,7 +37,7 @@ if not PUBLISHED:
         conda:
             ENV
         params:
-            runs_dir=LAYOUT.runs_dir,
+            runs_dir=lambda wildcards: LAYOUT.runs_dir,
             ids=list(GRID.runs),
         shell:
             "python -m workflow.scripts.aggregate --experiment {input.experiment:q} "
@@ -56,7 +56,7 @@ if not PUBLISHED:
         conda:
             ENV
         params:
-            runs_dir=LAYOUT.runs_dir,
+            runs_dir=lambda wildcards: LAYOUT.runs_dir,
             ids=lambda wildcards: GRID.members_runs(wildcards.comparison),
         shell:
             "python -m workflow.scripts.aggregate --experiment {input.experiment:q} "

@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from trainer.config import axis_default, check_axis_value
-from trainer.contract import MISSING, RUNS_EVAL_METRICS, TRAIN_METRICS, RunDir
+from trainer.contract import COMPLETED, MISSING, RUNS_EVAL_METRICS, TRAIN_METRICS, RunDir
 from workflow.scripts.experiment import Experiment
 from workflow.scripts.runids import RunKey, parse_run_id
 from workflow.scripts.runscsv import METRICS, write_runs
@@ -68,9 +68,9 @@ def run_row(run_dir: Path, experiment: Experiment) -> dict:
     train = read_json(run.train_info) or {}
     if evaluation is None:
         return {**row, "status": MISSING, **dict.fromkeys([*METRICS, *TRAIN_METRICS], math.nan)}
-    row["status"] = evaluation.get("status", train.get("status", "completed"))
+    row["status"] = evaluation.get("status", train.get("status", COMPLETED))
     for metric in RUNS_EVAL_METRICS:
-        if row["status"] == "completed" and metric not in evaluation:
+        if row["status"] == COMPLETED and metric not in evaluation:
             raise ValueError(
                 f"run {key.run_id}: {run.evaluation} has no {metric} (evaluated by an older trainer?)"
             )

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from trainer.config import AXES, axis_type
+from trainer.contract import COMPLETED, PUBLISHED
 from workflow.scripts.experiment import Comparison, Experiment
 from workflow.scripts.runids import Member, fmt, format_axis_value, parse_member
 
@@ -105,7 +106,7 @@ def select(runs: pd.DataFrame, comparison: Comparison, source: str = "runs.csv")
 
 def finite_loss(rows: pd.DataFrame) -> pd.Series:
     loss = pd.to_numeric(rows["test_loss"], errors="coerce")
-    ok = rows["status"].isin(["completed", "published"]) & np.isfinite(loss)
+    ok = rows["status"].isin([COMPLETED, PUBLISHED]) & np.isfinite(loss)
     return loss.where(ok)
 
 

@@ -32,6 +32,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 
+from trainer.contract import RunDir  # noqa: E402
 from trainer.files import read_log  # noqa: E402
 from workflow.scripts.analysis import (  # noqa: E402
     at,
@@ -250,7 +251,7 @@ def train_loss(runs, experiment, comparison, runs_dir: Path | None, source="runs
             if math.isnan(best):
                 continue
             pick = part[np.isclose(part[over], best)].sort_values("seed")
-            log = runs_dir / pick["run"].iloc[0] / "train.jsonl"
+            log = Path(RunDir(runs_dir / pick["run"].iloc[0]).train_log)
             if not log.exists():
                 continue
             frame = read_train_log(log)
