@@ -4,12 +4,13 @@ runs.csv frames (the paper's own comparisons are pinned in test_analysis.py)."""
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from workflow.scripts import figures, tables
-from workflow.scripts.analysis import compute_tables, label_divergence, member_rows
+from workflow.scripts.analysis import compute_tables, label_divergence, member_rows, ranking
 from workflow.scripts.experiment import Experiment
 from workflow.scripts.figures import NoData, make_figure, use_style
 from workflow.scripts.runids import RunKey, parse_member
@@ -112,6 +113,31 @@ def test_rows_axis_gives_one_row_per_value(tmp_path):
         tables.to_tex("best_lr", result["best_lr"][0], None)
         == "cosine & 1e-2 & 1e-2 \\\\\nwsd & 1e-1 & 1e-2\n"
     )
+
+
+def test_ranking_places_members_by_best_loss_within_each_row(tmp_path):
+    runs = runs_csv(SCHEDULE_RUNS, tmp_path / "runs.csv")
+    exp = experiment(c={"members": ["baseline", "zloss:1e-4"], "rows": "optim.schedule"})
+    result = compute_tables(runs, exp, exp.comparison("c"))
+    best = result["best_loss"][0]
+    expected = [
+        [1, 2] if b < z else [2, 1] for b, z in zip(best["baseline"], best["zloss:1e-4"], strict=True)
+    ]
+    assert result["ranking"][0][["baseline", "zloss:1e-4"]].values.tolist() == expected
+    best = pd.DataFrame({"scale": ["a", "b", "c"], "x": [3.0, 2.0, 1.0], "y": [2.0, 2.0, float("nan")]})
+    places = ranking(best, ["x", "y"])
+    assert places[["x", "y"]].values.tolist()[:2] == [[2, 1], [1, 1]]  # ties share the better place
+    assert places["x"].iloc[2] == 1 and np.isnan(places["y"].iloc[2])  # no loss, no place
+
+
+def test_where_pins_every_member_and_keeps_the_labels(tmp_path):
+    runs = runs_csv(SCHEDULE_RUNS, tmp_path / "runs.csv")
+    exp = experiment(c={"members": ["baseline", "zloss:1e-4"], "where": {"optim.schedule": "wsd"}})
+    comparison = exp.comparison("c")
+    assert [m.text for m in comparison.members] == ["baseline", "zloss:1e-4"]
+    assert all(("optim.schedule", "wsd") in m.pins for m in comparison.members)
+    chosen = member_rows(runs, comparison.members[0])
+    assert len(chosen) and set(chosen["optim.schedule"]) == {"wsd"} and set(chosen["method"]) == {"baseline"}
 
 
 def test_one_percent_label_per_row_value(tmp_path):
@@ -313,6 +339,6 @@ def test_tables_and_figures_of_a_rows_comparison_from_the_command_line(tmp_path)
     assert tables.main([*common, "--out-dir", str(tmp_path / "tables")]) == 0
     assert (tmp_path / "tables" / "best_loss.md").read_text().splitlines()[2] == "| cosine | 3.00 | 3.10 |"
     assert pd.read_csv(tmp_path / "tables" / "best_loss.csv").columns[0] == "optim.schedule"
-    names = [n for n in figures.FIGURES if n not in ("train_loss", "overlay")]
+    names = [n for n in figures.FIGURES if n not in (*figures.RUN_CURVES, "overlay")]
     assert figures.main([*common, "--out-dir", str(tmp_path / "fig"), "--only", *names, "--placeholder"]) == 0
     assert sorted(p.name for p in (tmp_path / "fig").glob("*.png")) == sorted(f"{n}.png" for n in names)

@@ -43,7 +43,7 @@ def test_defaults_are_the_paper_protocol():
         ({"train": {"micro_batch": 0}}, "train.micro_batch"),
         ({"train": {"micro_batch": "big"}}, "train.micro_batch"),
         ({"train": {"micro_batch": 5}}, "train.micro_batch"),  # does not divide 64
-        ({"optim": {"schedule": "linear"}}, "optim.schedule"),
+        ({"optim": {"schedule": "cubic"}}, "optim.schedule"),
         ({"optim": {"beta2": 1.5}}, "optim.beta2"),
         ({"method": {"name": "zloss"}}, "method.lambda"),
         ({"method": {"name": "softcap"}}, "method.cap"),

@@ -19,7 +19,19 @@ from typing import Any
 
 import yaml
 
-from trainer.contract import DTYPES, INITS, METHODS, MLPS, OPTIMIZERS, SCHEDULES
+from trainer.contract import (
+    DECAY_SHAPES,
+    DTYPES,
+    INITS,
+    METHODS,
+    MLPS,
+    NORMS,
+    OPTIMIZERS,
+    PARAM_ROLES,
+    SCHEDULES,
+    Param,
+    params_of,
+)
 from trainer.files import write_atomic
 
 
@@ -43,6 +55,15 @@ def _key(
     return field(default=default, metadata=meta)
 
 
+def _param(p: Param):
+    """An optional run-config key for an option's hyper-parameter: its range and code from the
+    registry; unset (None), the option uses the registry's default."""
+    return _key(None, lo=p.lo, hi=p.hi, lo_open=p.lo_open, hi_open=p.hi_open, code=p.code)
+
+
+OPTIM_PARAMS = params_of(OPTIMIZERS)
+
+
 @dataclass
 class ModelConfig:
     n_layer: int = _key(6, lo=1, hi=1024, code="L")
@@ -52,8 +73,12 @@ class ModelConfig:
     seq_len: int = _key(2048, lo=1, hi=2**20, code="ctx")
     tied: bool = _key(False)
     qk_norm: bool = _key(True, code="qkn")
+    qk_norm_kind: str = _key("layernorm", choices=tuple(NORMS), code="qknk")  # with qk_norm: true
+    norm: str = _key("layernorm", choices=tuple(NORMS), code="norm")  # the blocks' and the final norm
     rope_fraction: float = _key(0.5, lo=0.0, hi=1.0, code="rope")
+    rope_base: float = _key(10000.0, lo=1.0, lo_open=True, code="rb")
     mlp: str = _key("swiglu", choices=tuple(MLPS), code="mlp")
+    mlp_multiple: int = _key(256, lo=1, hi=65536, code="mm")  # SwiGLU hidden: a multiple of this
     init: str = _key("paper", choices=tuple(INITS), code="init")
 
 
@@ -84,12 +109,32 @@ class OptimConfig:
     grad_clip: float = _key(1.0, lo=0.0, code="clip")  # 0 disables clipping
     warmup: int = _key(5000, lo=0, code="wu")
     schedule: str = _key("cosine", choices=tuple(SCHEDULES), code="sched")
+    # The final lr of cosine, linear and wsd: optim.min_lr, or final_lr_factor x optim.lr if set.
+    final_lr_factor: float | None = _key(None, lo=0.0, hi=1.0, code="flr")
+    decay_fraction: float = _key(0.2, lo=0.0, hi=1.0, lo_open=True, code="dfr")  # wsd
+    decay_shape: str = _key("linear", choices=tuple(DECAY_SHAPES), code="dsh")  # wsd
     # Peak lr of each parameter role (contract.PARAM_ROLES) = optim.lr x its scale; the schedule
     # multiplies them all alike. 1.0 everywhere is the paper's single lr.
     embedding_lr_scale: float = _key(1.0, lo=0.0, lo_open=True, code="lre")
     head_lr_scale: float = _key(1.0, lo=0.0, lo_open=True, code="lrh")
     matrix_lr_scale: float = _key(1.0, lo=0.0, lo_open=True, code="lrm")
     vector_lr_scale: float = _key(1.0, lo=0.0, lo_open=True, code="lrv")
+    # Hyper-parameters of some optimizers (trainer/contract.py OPTIMIZERS): set only for those.
+    momentum: float | None = _param(OPTIM_PARAMS["momentum"])
+    ns_steps: int | None = _param(OPTIM_PARAMS["ns_steps"])
+    beta3: float | None = _param(OPTIM_PARAMS["beta3"])
+    alpha: float | None = _param(OPTIM_PARAMS["alpha"])
+    gamma: float | None = _param(OPTIM_PARAMS["gamma"])
+    precondition_frequency: int | None = _param(OPTIM_PARAMS["precondition_frequency"])
+    shampoo_beta: float | None = _param(OPTIM_PARAMS["shampoo_beta"])
+    d_coef: float | None = _param(OPTIM_PARAMS["d_coef"])
+    rho: float | None = _param(OPTIM_PARAMS["rho"])
+    hessian_interval: int | None = _param(OPTIM_PARAMS["hessian_interval"])
+
+    def param(self, key: str):
+        """An optimizer hyper-parameter as the optimizer uses it: set, or the registry's default."""
+        value = getattr(self, key)
+        return OPTIM_PARAMS[key].default if value is None else value
 
 
 @dataclass
@@ -117,6 +162,7 @@ class EvalConfig:
 @dataclass
 class DataConfig:
     dir: str = _key()
+    seed: int | None = _key(None, lo=0, hi=2**63 - 1, code="dseed")  # the data order's; default: seed
     train_pattern: str = _key("*_train_*.bin")
     val_pattern: str = _key("*_val_*.bin")
 
@@ -351,6 +397,21 @@ def _check_consistency(cfg: RunConfig) -> None:
             raise ConfigError(f"method.{key}: required for method {method.name}")
         if key not in needs and value is not None:
             raise ConfigError(f"method.{key}: not a parameter of method {method.name}")
+    optim = cfg.optim
+    allowed = {p.key for p in OPTIMIZERS[optim.name].params}
+    for key in OPTIM_PARAMS:
+        if key not in allowed and getattr(optim, key) is not None:
+            raise ConfigError(f"optim.{key}: not a hyper-parameter of optimizer {optim.name}")
+    if optim.name == "prodigy":
+        scaled = [r for r in PARAM_ROLES if getattr(optim, f"{r}_lr_scale") != 1.0]
+        if scaled:
+            raise ConfigError(
+                f"optim.{scaled[0]}_lr_scale: prodigy has one step size for every parameter (every scale must be 1)"
+            )
+    if optim.name == "sfadamw" and optim.schedule != "constant":
+        raise ConfigError(
+            "optim.schedule: schedule-free AdamW (sfadamw) needs `constant` (it is its own schedule)"
+        )
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     t = cfg.train

@@ -20,13 +20,20 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Param:
-    """A hyper-parameter of an option: `<section>.<key>` in the run config, `<code><value>` in
-    run ids. Values are positive floats (every hyper-parameter so far is)."""
+    """A hyper-parameter of an option: the run-config key `<section>.<key>` (method.lambda,
+    optim.rho), its type and range (checked by the loader), the default the option uses when the
+    key is unset, and its run-id code. Set for an option that lacks it, it is refused by name."""
 
     key: str
     code: str
     example: float  # a typical value: bench and the tests use it
     doc: str = ""
+    kind: str = "float"  # float or int
+    default: float | None = None  # what the option uses when the key is unset (None: required)
+    lo: float = 0.0
+    lo_open: bool = True
+    hi: float | None = None
+    hi_open: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,16 +79,125 @@ def example_params(method: str) -> dict[str, float]:
     return {p.key: p.example for p in METHODS[method].params}
 
 
+def params_of(options: dict[str, Option]) -> dict[str, Param]:
+    """Every hyper-parameter of a family, by key (a key shared by options is one parameter)."""
+    found: dict[str, Param] = {}
+    for option in options.values():
+        for p in option.params:
+            if found.setdefault(p.key, p) != p:
+                raise ValueError(f"{p.key}: two different parameters of one name")
+    return found
+
+
+# Optimizer hyper-parameters beyond the shared optim.lr, beta1, beta2, eps, weight_decay. A key
+# shared by several optimizers means the same thing in each.
+MOMENTUM = Param("momentum", "mom", 0.95, "momentum of the matrix (Muon) or sign (Signum) update", default=0.95, hi=1.0, hi_open=True)  # fmt: skip
+NS_STEPS = Param("ns_steps", "ns", 5, "Newton-Schulz iterations of the orthogonalisation", kind="int", default=5, lo=1, lo_open=False)  # fmt: skip
 OPTIMIZERS = registry(
     Option("adamw", "torch.optim.AdamW; weight decay on matrices (dim >= 2) only"),
+    Option(
+        "muon",
+        "Muon on the hidden matrices (no weight decay, lr x sqrt(max(1, rows/cols)), qkv whole), AdamW on embedding, head and vectors",
+        (MOMENTUM, NS_STEPS),
+    ),
+    Option(
+        "dmuon",
+        "Muon with decoupled weight decay and AdamW-matched update RMS (D-Muon)",
+        (MOMENTUM, NS_STEPS),
+    ),
+    Option("lion", "Lion: sign of the interpolated momentum (betas: optim.beta1, optim.beta2)"),
+    Option("signum", "sign of the momentum (optim.momentum)", (MOMENTUM,)),
+    Option(
+        "ademamix",
+        "AdEMAMix: Adam plus a slow EMA of gradients (beta3, weight alpha; both warmed up over the run)",
+        (
+            Param("beta3", "b3", 0.9999, "slow EMA's beta", default=0.9999, hi=1.0, hi_open=True),
+            Param("alpha", "alpha", 8.0, "weight of the slow EMA", default=8.0),
+        ),
+    ),
+    Option(
+        "adopt",
+        "ADOPT: the second moment of the previous step normalises the gradient (optim.eps bounds its root; the benchmark uses 1e-6)",
+    ),
+    Option(
+        "mars",
+        "MARS-AdamW (approximate): variance-reduced gradient on tensors of dim >= 2; vectors plain AdamW",
+        (Param("gamma", "gam", 0.025, "variance-reduction weight", default=0.025),),
+    ),  # fmt: skip
+    Option(
+        "soap",
+        "SOAP: Adam in the eigenbasis of Shampoo's preconditioner",
+        (
+            Param(
+                "precondition_frequency",
+                "pf",
+                10,
+                "steps between eigenbasis updates",
+                kind="int",
+                default=10,
+                lo=1,
+                lo_open=False,
+            ),  # fmt: skip
+            Param(
+                "shampoo_beta",
+                "sb",
+                0.95,
+                "EMA of the preconditioner (default: optim.beta2)",
+                hi=1.0,
+                hi_open=True,
+            ),
+        ),
+    ),
+    Option(
+        "prodigy",
+        "Prodigy: AdamW with the step size estimated on the fly (optim.lr is a multiplier, ~1); every optim.<role>_lr_scale must be 1",
+        (Param("d_coef", "dc", 1.0, "scale of the estimated step size", default=1.0),),
+    ),  # fmt: skip
+    Option("sfadamw", "schedule-free AdamW: evaluation uses the averaged weights (optim.schedule: constant)"),
+    Option(
+        "sophia",
+        "Sophia: clipped update preconditioned by a Gauss-Newton-Bartlett Hessian estimate",
+        (
+            Param("rho", "rho", 0.04, "clipping scale of the preconditioned update", default=0.04),
+            Param(
+                "hessian_interval",
+                "hi",
+                10,
+                "steps between Hessian estimates",
+                kind="int",
+                default=10,
+                lo=1,
+                lo_open=False,
+            ),  # fmt: skip
+        ),
+    ),
 )
 SCHEDULES = registry(
-    Option("cosine", "warmup, then cosine from optim.lr to optim.min_lr"),
+    Option("cosine", "warmup, then cosine from optim.lr to the final lr"),
+    Option("linear", "warmup, then linear from optim.lr to the final lr"),
     Option("constant", "warmup, then optim.lr"),
-    Option("wsd", "warmup, then optim.lr, then linear to optim.min_lr over the last 20% of steps"),
+    Option(
+        "wsd",
+        "warmup, then optim.lr, then a decay (optim.decay_shape) to the final lr over the last optim.decay_fraction of the steps",
+    ),  # fmt: skip
+)
+DECAY_SHAPES = registry(  # of wsd's decay, p the progress through it from 0 to 1
+    Option("linear", "1 - p"),
+    Option("cosine", "(1 + cos(pi p)) / 2"),
+    Option("1-sqrt", "1 - sqrt(p)"),
+    Option("square", "1 - p^2"),
+    Option("exp", "geometric: lr (final/lr)^p, the final lr floored at 1e-4 x optim.lr"),
+    Option(
+        "mirrored-cosine",
+        "2 (1 - p) - (1 + cos(pi p)) / 2: the cosine reflected about the linear (fast, slow, fast)",
+    ),
+)
+NORMS = registry(
+    Option("layernorm", "LayerNorm without bias (the paper's)"),
+    Option("rmsnorm", "RMSNorm (Llama's)"),
 )
 MLPS = registry(
-    Option("swiglu", "W2(silu(W x) * V x), hidden 256 * ceil(8H/3 / 256)"),
+    Option("swiglu", "W2(silu(W x) * V x), hidden m * ceil(int(8H/3) / m), m = model.mlp_multiple"),
     Option("gelu", "W2(gelu(W x)), hidden 4H"),
 )
 INITS = registry(

@@ -27,6 +27,7 @@ from trainer.files import write_json
 from trainer.methods import build_method
 from trainer.metrics import LogitStatistics, embedding_geometry
 from trainer.model import GPT
+from trainer.optim import build_optimizer, optimizer_hooks, run_shape
 from trainer.shards import ShardError, ValidationSet, to_device
 from trainer.train import autocast_dtype, verified_shards
 from trainer.validation import my_micro_batches, validation_loss
@@ -38,21 +39,22 @@ def eval_path(run_dir: Path, step: int | None) -> Path:
     return Path(RunDir(run_dir).evaluation) if step is None else run_dir / f"eval_step{step}.json"
 
 
-def load_weights(run_dir: Path, step: int | None) -> tuple[dict | None, int, str, Path]:
-    """(state dict or None for a diverged run, step, status, file) of final.pt or a kept
-    checkpoint, verified by checkpoint.load (never unpickles code, checks the checksum)."""
+def load_weights(run_dir: Path, step: int | None) -> tuple[dict | None, int, str, Path, dict | None]:
+    """(state dict or None for a diverged run, step, status, file, optimizer state) of final.pt
+    (no optimizer state: it holds the weights to evaluate) or a kept checkpoint, verified by
+    checkpoint.load (never unpickles code, checks the checksum)."""
     if step is None:
         path = Path(RunDir(run_dir).final)
         state = checkpoint.load(path)
         with checkpoint.misfit_is_an_error(path):
-            return state["model"], int(state["step"]), state.get("status", "completed"), path
+            return state["model"], int(state["step"]), state.get("status", "completed"), path, None
     kept = dict(checkpoint.list_checkpoints(Path(RunDir(run_dir).checkpoints)))
     if step not in kept:
         listing = ", ".join(str(s) for s in sorted(kept)) or "none"
         raise CheckpointError(f"{run_dir}: no checkpoint of step {step} is kept (kept steps: {listing})")
     state = checkpoint.load(kept[step])
     with checkpoint.misfit_is_an_error(kept[step]):
-        return state["model"], step, "completed", kept[step]
+        return state["model"], step, "completed", kept[step], state["optimizer"]
 
 
 @torch.no_grad()
@@ -71,7 +73,7 @@ def logit_statistics(model: GPT, windows: ValidationSet, cfg: RunConfig, d: Dist
 def evaluate(run_dir: Path, step: int | None = None) -> dict:
     """Compute every metric of one run; returns the eval.json content (written by rank 0)."""
     cfg = load_config(RunDir(run_dir).config)
-    weights, evaluated_step, status, path = load_weights(run_dir, step)
+    weights, evaluated_step, status, path, optimizer_state = load_weights(run_dir, step)
     started = time.perf_counter()
     provenance = {"run": cfg.run, "step": evaluated_step, "status": status}
     if weights is None:  # diverged: nothing to evaluate, but the run still gets its row
@@ -82,6 +84,10 @@ def evaluate(run_dir: Path, step: int | None = None) -> dict:
         model = GPT(cfg.model, build_method(cfg.method)).to(d.device)
         with checkpoint.misfit_is_an_error(path):
             model.load_state_dict(weights)
+            # A checkpoint holds the training weights; schedule-free AdamW evaluates its average.
+            optimizer_hooks(cfg.optim).use_evaluation_weights(
+                model, lambda: build_optimizer(model, cfg.optim, d.device, run_shape(cfg)), optimizer_state
+            )
         model.eval()
         amp = autocast_dtype(cfg, d.device)
         windows = ValidationSet(verified_shards(cfg, d, cfg.data.val_pattern), cfg.model.seq_len)

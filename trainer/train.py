@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ from trainer.distributed import Dist, process_group
 from trainer.files import read_log, write_atomic, write_json
 from trainer.methods import build_method
 from trainer.model import GPT, parameter_count
-from trainer.optim import build_optimizer, learning_rate, set_learning_rate
+from trainer.optim import build_optimizer, optimizer_hooks, run_shape, set_learning_rate
+from trainer.schedules import learning_rate
 from trainer.shards import (
     ShardError,
     TrainBatches,
@@ -184,7 +186,8 @@ class Run:
         check_memory(cfg, n_params, self.micro, device_memory(d.device), f"device {d.device}")
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model, build_method(cfg.method)).to(d.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, d.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, d.device, run_shape(cfg))
+        self.optimizer_hooks = optimizer_hooks(cfg.optim)  # what the optimizer asks of the loop
         self.step = 0  # steps completed
         self.time_before = 0.0  # training seconds of earlier attempts
         self.resume()
@@ -198,7 +201,7 @@ class Run:
             train_shards,
             cfg.model.seq_len,
             cfg.train.batch_size,
-            cfg.seed,
+            cfg.seed if cfg.data.seed is None else cfg.data.seed,  # data.seed: the order alone
         )
         self.per_rank = cfg.train.batch_size // d.world_size
         self.val_windows = None
@@ -321,28 +324,49 @@ class Run:
 
     # --- one optimizer step ------------------------------------------------------------------
 
-    def train_step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over this rank's share of the global batch; returns (loss, grad norm)."""
-        cfg = self.cfg
-        set_learning_rate(self.optimizer, lr)
-        rows = rank_rows(cfg.train.batch_size, self.d.rank, self.d.world_size)
-        inputs, targets = to_device(self.batches.read(self.step, rows), self.d.device)
+    def backward(self, loss_of, *batch: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of loss_of(*micro-batch) -> (value, loss) over this rank's rows of
+        batch, one micro-batch at a time: the gradients are those of the batch mean of loss (synced
+        across ranks at the last micro-batch). Returns the batch mean of value."""
         accum = self.per_rank // self.micro
-        loss = torch.zeros((), device=self.d.device)
+        mean = torch.zeros((), device=self.d.device)
         for k in range(accum):
             part = slice(k * self.micro, (k + 1) * self.micro)
             last = k == accum - 1
             sync = nullcontext() if last or self.d.world_size == 1 else self.net.no_sync()
             with sync, torch.autocast(self.d.device.type, dtype=self.amp, enabled=self.amp is not None):
-                ce, total = self.net(inputs[part], targets[part])
+                value, loss = loss_of(*(rows[part] for rows in batch))
             # Equal-length sequences: the mean of the micro-batch means is the batch mean.
-            (total / accum).backward()
-            loss += ce.detach() / accum
+            (loss / accum).backward()
+            mean += value.detach() / accum
+        return mean
+
+    def logits_backward(self, inputs: torch.Tensor, loss_of_logits) -> None:
+        """For an optimizer's hook: backward of the batch mean of loss_of_logits(output logits)."""
+
+        def loss_of(x):
+            loss = loss_of_logits(self.net(x))
+            return loss, loss
+
+        self.backward(loss_of, inputs)
+
+    def train_step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over this rank's share of the global batch, the optimizer's step, the
+        method's after_step (on E and on the optimizer's copies of E's weights), then the
+        optimizer's after_step hook; returns (loss, grad norm)."""
+        cfg = self.cfg
+        set_learning_rate(self.optimizer, lr)
+        rows = rank_rows(cfg.train.batch_size, self.d.rank, self.d.world_size)
+        inputs, targets = to_device(self.batches.read(self.step, rows), self.d.device)
+        loss = self.backward(self.net, inputs, targets)  # net(x, y) -> (cross-entropy, loss)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.optimizer.step()
+        self.optimizer.step()  # every part of a composite optimizer
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.method.after_step(self.model.output_embedding)
+        embedding = self.model.output_embedding
+        for weights in (embedding, *self.optimizer_hooks.weight_copies(self.optimizer, embedding)):
+            self.model.method.after_step(weights)
+        self.optimizer_hooks.after_step(self.optimizer, self.step + 1, partial(self.logits_backward, inputs))
         return loss, grad_norm
 
     # --- the loop ----------------------------------------------------------------------------
@@ -421,10 +445,12 @@ class Run:
                     )
                 last_log_step, last_log_time = self.step, time.perf_counter()
             if self.val_windows is not None and (self.step % cfg.train.eval_every == 0 or last):
-                val, _ = validation_loss(
-                    self.net, self.val_windows, cfg.train.eval_batches, cfg.eval.micro_batch, d, self.amp
-                )
-                self.log({"step": self.step, "val_loss": val}, self.files.val_log)
+                with self.optimizer_hooks.evaluation_weights(self.optimizer):
+                    val, _ = validation_loss(
+                        self.net, self.val_windows, cfg.train.eval_batches, cfg.eval.micro_batch, d, self.amp
+                    )
+                tokens = self.step * cfg.train.batch_size * cfg.model.seq_len
+                self.log({"step": self.step, "tokens": tokens, "val_loss": val}, self.files.val_log)
             by_time = (
                 cfg.train.checkpoint_minutes > 0 and now - last_ckpt >= 60 * cfg.train.checkpoint_minutes
             )
@@ -454,11 +480,12 @@ class Run:
             return
         cfg = self.cfg
         tokens = self.step * cfg.train.batch_size * cfg.model.seq_len
-        weights = self.model.state_dict() if status == "completed" else None
-        checkpoint.save(
-            {"model": weights, "status": status, "step": self.step, "config": cfg.to_dict()},
-            Path(self.files.final),
-        )
+        with self.optimizer_hooks.evaluation_weights(self.optimizer):  # schedule-free: the average
+            weights = self.model.state_dict() if status == "completed" else None
+            checkpoint.save(
+                {"model": weights, "status": status, "step": self.step, "config": cfg.to_dict()},
+                Path(self.files.final),
+            )
         steady = sorted(rates)[len(rates) // 2] if rates else tokens / max(train_time, 1e-9)
         write_json(
             Path(self.files.train_info),

@@ -2,9 +2,11 @@
 
     python -m trainer.tools.bench --scale 16M --method baseline,zloss --steps 50 --compile
     python -m trainer.tools.bench --config RUN/config.yaml --steps 30
+    python -m trainer.tools.bench --config RUN/config.yaml --synthetic --optimizer adamw,muon --compile
 
 With --scale the paper protocol is used (batch 64 x 2048, bf16) on synthetic tokens, so no data
-is needed. MFU follows docs/protocol.md "Throughput and MFU": (6 N_eff + 12 L H T) * tokens/s / peak, N_eff = every
+is needed; --synthetic does the same for a --config. --optimizer times the config once per
+optimizer (each at its registry defaults; schedule-free on its constant schedule). MFU follows docs/protocol.md "Throughput and MFU": (6 N_eff + 12 L H T) * tokens/s / peak, N_eff = every
 parameter except the input embedding.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.config import RunConfig, config_from_dict, load_config
+from trainer.config import OPTIM_PARAMS, RunConfig, config_from_dict, load_config
 from trainer.contract import example_params
 from trainer.distributed import process_group
 from trainer.shards import write_shard
@@ -45,10 +47,22 @@ def paper_config(scale: str, method: str, data_dir: str, tied: bool = False) -> 
     )
 
 
-def synthetic_shards(directory: Path, tokens: int = 20_000_000) -> None:
-    """Uniformly random GPT-2 token ids: the step time does not depend on the text."""
+def with_optimizer(cfg: RunConfig, name: str) -> RunConfig:
+    """cfg with another optimizer: its hyper-parameters at their defaults (the others' unset)."""
+    raw = cfg.to_dict()
+    raw["run"] = f"{cfg.run}-{name}"
+    raw["optim"] = {k: v for k, v in raw["optim"].items() if k not in OPTIM_PARAMS} | {"name": name}
+    if name == "sfadamw":
+        raw["optim"]["schedule"] = "constant"
+    return config_from_dict(raw)
+
+
+def synthetic_shards(directory: Path, tokens: int = 20_000_000, vocab: int = GPT2_VOCAB) -> None:
+    """Uniformly random token ids (GPT-2's, or below a smaller vocabulary): the step time does not
+    depend on the text."""
     rng = np.random.default_rng(0)
-    write_shard(directory / "synthetic_train_000001.bin", rng.integers(0, GPT2_VOCAB, size=tokens))
+    ids = rng.integers(0, min(vocab, GPT2_VOCAB), size=tokens)
+    write_shard(directory / "synthetic_train_000001.bin", ids)
 
 
 def model_flops_per_token(run) -> float:
@@ -64,7 +78,7 @@ def train_steps(run, cfg: RunConfig, steps: int):
     loss = None
     for _ in range(steps):
         loss, _ = run.train_step(cfg.optim.lr)
-        run.step += 1
+        run.step += 1  # the next batch, and the step count an optimizer's hooks go by (Sophia)
     return loss
 
 
@@ -86,6 +100,18 @@ def print_profile(run, cfg: RunConfig, steps: int, show: bool = True, rows: int 
         print(
             f"  {e.device_time_total / 1000 / steps:8.2f} ms {share:5.1f}% x{e.count // steps:<4d} {e.key[:110]}"
         )
+
+
+def print_fallbacks(cfg: RunConfig) -> None:
+    """Which parts of this model ran in plain PyTorch instead of a hand-written kernel, and why."""
+    from trainer.model import fast_path_coverage
+    from trainer.ops.fast_path import triton
+
+    if triton is None or not torch.cuda.is_available():
+        print(f"  fallback: {cfg.run}: no CUDA or no Triton: every kernel ran as plain PyTorch", flush=True)
+        return
+    for reason in fast_path_coverage(cfg.model):
+        print(f"  fallback: {cfg.run}: {reason}", flush=True)
 
 
 def bench(cfg: RunConfig, steps: int, warmup: int, out: Path, profile_steps: int = 0) -> dict:
@@ -128,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", choices=list(PAPER_SCALES), help="a paper scale on synthetic tokens")
     parser.add_argument("--method", default="baseline", help="comma-separated methods (with --scale)")
     parser.add_argument("--tied", action="store_true", help="tied embeddings (with --scale)")
+    parser.add_argument("--optimizer", help="comma-separated optimizers, one timing each (with --config)")
+    parser.add_argument("--synthetic", action="store_true", help="random tokens instead of the config's data")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
     parser.add_argument("--micro-batch", type=int, help="sequences per forward pass (default: auto)")
@@ -149,6 +177,13 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         if args.config:
             configs = [load_config(args.config)]
+            if args.optimizer:
+                configs = [with_optimizer(configs[0], name) for name in args.optimizer.split(",")]
+            if args.synthetic:  # and no in-training validation: there are no validation shards
+                synthetic_shards(tmp, vocab=configs[0].model.vocab_size)
+                for cfg in configs:
+                    cfg.data.dir, cfg.data.train_pattern = str(tmp), "synthetic_train_*.bin"
+                    cfg.train.eval_every = 0
         else:
             synthetic_shards(tmp)
             configs = [paper_config(args.scale, m, str(tmp), args.tied) for m in args.method.split(",")]
@@ -164,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_mem_gb']:.1f} | {r['loss']:.3f}",
                     flush=True,
                 )
+                print_fallbacks(cfg)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from trainer.config import RunConfig, config_from_dict
 from trainer.contract import example_params
 from trainer.distributed import process_group
 from trainer.ops.fast_path import plain_pytorch
-from trainer.optim import learning_rate
+from trainer.schedules import learning_rate
 from trainer.shards import write_shard
 from trainer.tools.bench import GPT2_VOCAB, paper_config
 

@@ -75,8 +75,8 @@ def figures_of(comparison):
             m.method == "baseline" for m in GRID.comparisons[comparison].members
         ):
             continue  # the histogram is of the baseline member
-        if name == "train_loss" and PUBLISHED:
-            continue  # published runs have no training curves
+        if name in ("train_loss", "val_curves", "schedules") and PUBLISHED:
+            continue  # published runs have no run directories
         names.append(name)
     return names
 

@@ -13,6 +13,7 @@ per member. For one row value and one member, L(x) is test_loss at each value x 
   it is written @tied.
   diverged_1pct: loss more than 1% above the lowest loss of the comparison at that row value
   and over value.
+  ranking: each member's place by best loss within a row (1 = lowest).
 Several seeds: each table per seed, then mean and std over seeds; best lr and the 1% label come
 from the seed-mean curves.
 A curve point must not average runs of different configurations: within one row value, over
@@ -32,7 +33,7 @@ from trainer.contract import COMPLETED, PUBLISHED
 from workflow.scripts.experiment import Comparison, Experiment
 from workflow.scripts.runids import Member, fmt, format_axis_value, parse_member
 
-TABLES = ("best_loss", "best_lr", "lr_sensitivity", "rel_time")
+TABLES = ("best_loss", "best_lr", "lr_sensitivity", "rel_time", "ranking")
 
 
 class MissingMembers(ValueError):
@@ -214,7 +215,7 @@ def compute_tables(
     values = row_values(pd.concat(chosen.values()), comparison, experiment)
     parts = {(v, m.text): at(chosen[m.text], axis, v) for v in values for m in present}
     seeds = sorted(runs["seed"].unique().tolist())
-    per_seed = {t: [] for t in TABLES if t != "best_lr"}
+    per_seed = {t: [] for t in ("best_loss", "lr_sensitivity", "rel_time")}  # the others: below
     for seed in seeds:
         cells = {t: {} for t in per_seed}
         for m in present:
@@ -241,7 +242,16 @@ def compute_tables(
         result[t] = (mean, std if len(seeds) > 1 else None)
     # best lr from the seed-mean curves
     result["best_lr"] = (frame(lambda v, m: best_lr(curve(parts[v, m.text], over))), None)
+    result["ranking"] = (ranking(result["best_loss"][0], [m.text for m in present]), None)
     return {t: result[t] for t in TABLES}
+
+
+def ranking(best: pd.DataFrame, members: list[str]) -> pd.DataFrame:
+    """Each member's place by seed-mean best loss within a row (1 = lowest; ties share the better
+    place; a member without a finite loss gets none)."""
+    ranks = best.copy()
+    ranks[members] = best[members].rank(axis=1, method="min")
+    return ranks
 
 
 def point_means(chosen: dict[str, pd.DataFrame], comparison: Comparison, value) -> pd.DataFrame:

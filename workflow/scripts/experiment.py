@@ -5,11 +5,13 @@ A comparison is a list of members, or a mapping with `members` and the table opt
   rows: the axis of the table rows (default `scale`; or `lr`, or a swept run-config key)
   over: the axis the best value is taken over, the x axis of the figures (default `lr`)
   reference: the member rel_time is relative to (default `baseline`, same tying as each member)
+  where: pins every member shares, e.g. {scale: 124M} (written once instead of in each member)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +37,14 @@ class Comparison:
 def parse_comparison(name: str, spec) -> Comparison:
     """A comparison from the experiment file; a ValueError names what is wrong."""
     if isinstance(spec, dict):
-        unknown = sorted(set(spec) - {"members", "rows", "over", "reference"})
+        unknown = sorted(set(spec) - {"members", "rows", "over", "reference", "where"})
         if unknown:
-            raise ValueError(f"unknown key {unknown[0]!r} (known: members, rows, over, reference)")
+            raise ValueError(f"unknown key {unknown[0]!r} (known: members, rows, over, reference, where)")
         options = {k: spec[k] for k in ("rows", "over", "reference") if k in spec}
         members = spec.get("members")
+        where = spec.get("where") or {}
     else:
-        options, members = {}, spec
+        options, members, where = {}, spec, {}
     if not isinstance(members, list) or not members:
         raise ValueError("members: a list of at least one member")
     for key in ("rows", "over"):
@@ -51,7 +54,14 @@ def parse_comparison(name: str, spec) -> Comparison:
     if options.get("rows", "scale") == options.get("over", "lr"):
         raise ValueError("rows and over must be different axes")
     parse_member(options.get("reference", "baseline"))
-    return Comparison(name, tuple(parse_member(m) for m in members), **options)
+    if not isinstance(where, dict):
+        raise ValueError("where: a mapping of axis keys (or scale) to one value each")
+    shared = ",".join(f"{k}={v}" for k, v in where.items())
+    parsed = []
+    for text in members:
+        member = parse_member(f"{text},{shared}" if shared else text)
+        parsed.append(dataclasses.replace(member, text=str(text)))  # labelled as written
+    return Comparison(name, tuple(parsed), **options)
 
 
 class Experiment:

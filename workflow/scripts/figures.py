@@ -8,8 +8,10 @@ Figures: test_loss, logit_mean, logit_std, logit_absmax, mu_norm (each vs the co
 axis, lr by default, log x; one colour per member, one marker per row value (scale by default);
 points with the `diverged_1pct` label filled, others hollow), lr_sensitivity (LRS vs N, log-log;
 per row value for another rows axis), b_ratio_hist (baseline, where the data has B_ratio),
-train_loss (training curves per row value at each member's best over value, from train.jsonl;
-needs --runs-dir) and overlay (test loss of these runs over the --reference runs, per scale).
+train_loss, val_curves and schedules (per row value, each member's run at its best over value:
+training loss per step from train.jsonl, validation loss per token count from val.jsonl, the lr
+as its config.yaml sets it; need --runs-dir) and overlay (test loss of these runs over the
+--reference runs, per scale).
 
 A figure the data cannot give (LR sensitivity of a one-lr grid, B_ratio of data without it) is
 an error under --only, or with --placeholder (the workflow's choice) a page that says why.
@@ -32,8 +34,10 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 
+from trainer.config import load_config  # noqa: E402
 from trainer.contract import RunDir  # noqa: E402
 from trainer.files import read_log  # noqa: E402
+from trainer.schedules import learning_rate  # noqa: E402
 from workflow.scripts.analysis import (  # noqa: E402
     at,
     axis_text,
@@ -58,7 +62,7 @@ LR_METRICS = {  # name: (metric, y label, y scale)
     "logit_absmax": ("logit_absmax", r"max $|$logit$|$", "log"),
     "mu_norm": ("mu_norm", r"$\|\mu\|$", "symlog"),
 }
-FIGURES = (*LR_METRICS, "lr_sensitivity", "b_ratio_hist", "train_loss", "overlay")
+FIGURES = (*LR_METRICS, "lr_sensitivity", "b_ratio_hist", "train_loss", "val_curves", "schedules", "overlay")
 
 
 class NoData(ValueError):
@@ -234,10 +238,42 @@ def read_train_log(path: Path) -> pd.DataFrame:
     return pd.DataFrame([row for _, row in read_log(path)])
 
 
-def train_loss(runs, experiment, comparison, runs_dir: Path | None, source="runs.csv"):
-    """One panel per row value: each member's training curve at its best over value."""
+def log_series(log_file: str, x: str, y: str):
+    """(x, y) of one run from a log (a RunDir attribute); None without that log or column."""
+
+    def series(run: RunDir):
+        path = Path(getattr(run, log_file))
+        frame = read_train_log(path) if path.exists() else pd.DataFrame()
+        return (frame[x], frame[y]) if x in frame else None
+
+    return series
+
+
+def schedule_series(run: RunDir):
+    """The lr of each step as the run's config sets it (warmup, schedule, decay), in units of optim.lr."""
+    path = Path(run.config)
+    if not path.exists():
+        return None
+    cfg = load_config(path)
+    steps = np.arange(cfg.train.steps + 1)
+    return steps, [learning_rate(cfg.optim, int(t), cfg.train.steps) / cfg.optim.lr for t in steps]
+
+
+# Curves of each member's run at its best over value: series, x label, y label.
+RUN_CURVES = {
+    "train_loss": (log_series("train_log", "step", "loss"), "step", "training loss"),
+    "val_curves": (log_series("val_log", "tokens", "val_loss"), "tokens", "validation loss"),
+    "schedules": (schedule_series, "step", "lr / optim.lr"),
+}
+
+
+def run_curves(name, runs, experiment, comparison, runs_dir: Path | None, source="runs.csv"):
+    """One panel per row value: a curve per member from its run at its best over value (train_loss:
+    training loss per step; val_curves: validation loss per token count (train.eval_every);
+    schedules: the learning rate as configured)."""
+    series, xlabel, ylabel = RUN_CURVES[name]
     if runs_dir is None:
-        raise NoData("training curves need --runs-dir (the run directories with train.jsonl)")
+        raise NoData(f"{name} needs --runs-dir (the run directories)")
     axis, over = comparison.rows, comparison.over
     chosen = select(runs, comparison, source)
     rows = row_values(pd.concat(chosen.values()), comparison, experiment)
@@ -251,20 +287,18 @@ def train_loss(runs, experiment, comparison, runs_dir: Path | None, source="runs
             if math.isnan(best):
                 continue
             pick = part[np.isclose(part[over], best)].sort_values("seed")
-            log = Path(RunDir(runs_dir / pick["run"].iloc[0]).train_log)
-            if not log.exists():
+            xy = series(RunDir(runs_dir / pick["run"].iloc[0]))
+            if xy is None:
                 continue
-            frame = read_train_log(log)
-            label = f"{member} ({over} {best:g})"
-            ax.plot(frame["step"], frame["loss"], color=colour[member], lw=0.8, label=label)
+            ax.plot(*xy, color=colour[member], lw=0.8, label=f"{member} ({over} {best:g})")
             drawn += 1
         ax.set_title(axis_text(axis, row))
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         ax.legend(fontsize=4)
-    axes[0][0].set_ylabel("training loss")
+    axes[0][0].set_ylabel(ylabel)
     if not drawn:
         plt.close(fig)
-        raise NoData(f"no train.jsonl of these runs under {runs_dir}")
+        raise NoData(f"no run of this comparison under {runs_dir} has the data of {name}")
     return fig
 
 
@@ -322,8 +356,8 @@ def make_figure(
         return lrs_figure(runs, experiment, comparison, source)
     if name == "b_ratio_hist":
         return b_ratio_hist(runs, experiment, comparison, source)
-    if name == "train_loss":
-        return train_loss(runs, experiment, comparison, runs_dir, source)
+    if name in RUN_CURVES:
+        return run_curves(name, runs, experiment, comparison, runs_dir, source)
     return overlay(runs, experiment, comparison, reference, source, reference_source or "reference")
 
 
@@ -363,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = read_runs(args.runs)
     reference = read_runs(args.reference) if args.reference else None
     names = args.only or [
-        n for n in FIGURES if (n != "train_loss" or args.runs_dir) and (n != "overlay" or args.reference)
+        n for n in FIGURES if (n not in RUN_CURVES or args.runs_dir) and (n != "overlay" or args.reference)
     ]
     failed = False
     for name in names:

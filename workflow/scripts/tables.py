@@ -35,6 +35,7 @@ FORMATS = {
     "best_lr": format_lr,
     "lr_sensitivity": lambda x: f"{x:.3f}",
     "rel_time": lambda x: f"{100 * x:.1f}%",
+    "ranking": lambda x: f"{x:.0f}",
 }
 
 
