@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import REPO
 from trainer.config import ModelConfig
 from trainer.model import GPT, NORM_EPS, fast_path_coverage, parameter_count, swiglu_hidden
 from trainer.ops import rope
@@ -319,3 +320,16 @@ def test_fast_path_coverage_says_which_configs_leave_the_fused_qk_kernel(monkeyp
     GPT(cfg)(torch.zeros(1, 4, dtype=torch.long))
     assert bool(calls) == (coverage == [])
     assert all(rms == (cfg.qk_norm_kind == "rmsnorm") for rms in calls)
+
+
+def test_optimizer_benchmark_scales_have_their_parameter_counts():
+    """config/optimizers.yaml's three Llama scales as the benchmark names them (123.59M, 210M, 720M)."""
+    from workflow.scripts.grid import load
+
+    grid = load(REPO / "config" / "optimizers.yaml")
+    counts = {}
+    for run_id, run in grid.runs.items():
+        config = grid.run_config(run_id)["model"]
+        counts[run.key.scale] = parameter_count(ModelConfig(**{k: v for k, v in config.items()}))
+    assert counts["124M"] == 123_587_328  # "123.59M parameters" in the benchmark's README
+    assert round(counts["210M"], -7) == 210_000_000 and round(counts["720M"], -7) == 720_000_000

@@ -76,7 +76,10 @@ def use_style() -> None:
 
 
 def colours(members: list[str]) -> dict[str, str]:
+    """The style's colours; more members than it has get tab20's, so no two share a colour."""
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(members) > len(cycle):
+        cycle = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab20").colors]
     return {m: cycle[i % len(cycle)] for i, m in enumerate(members)}
 
 
