@@ -156,3 +156,19 @@ def test_grid_and_codec_import_no_torch():
 
 def test_run_key_axes_leave_defaults_out():
     assert RunKey.axes_of({"optim.schedule": "cosine", "model.mlp": "gelu"}) == (("model.mlp", "gelu"),)
+
+
+@pytest.mark.parametrize(
+    "optim, message",
+    [
+        ({"name": "adamx"}, "optim.name: 'adamx' is not one of adamw, muon"),
+        ({"rho": 0.1}, "optim.rho: not a hyper-parameter of optimizer adamw"),
+        ({"name": "lion", "momentum": 0.9}, "optim.momentum: not a hyper-parameter of optimizer lion"),
+        ({"name": "sfadamw"}, "optim.schedule: schedule-free AdamW (sfadamw) needs `constant`"),
+    ],
+)
+def test_a_bad_optimizer_or_a_foreign_hyper_parameter_stops_the_plan(optim, message):
+    config = axes_experiment()
+    config["protocol"]["optim"].update(optim)
+    with pytest.raises(ExperimentError, match=re.escape(message)):
+        Grid(config)
