@@ -261,3 +261,21 @@ def test_more_positions_than_the_tables_are_refused_on_every_path():
             rope.triton_qkv_norm_rope(qkv, q_norm.weight, k_norm.weight, short, 1e-5)
         with pytest.raises(ValueError, match=message):
             rope.triton_qkv_norm_rope_backward(*grads, qkv, q_norm.weight, k_norm.weight, short, 1e-5)
+
+
+def test_layernorm_backward_keeps_its_evaluation_order():
+    """Runs trained before RMSNorm came keep their last bits: LayerNorm's backward is evaluated as
+    it always was, (dn - mean(dn) - normed mean(dn normed)) rstd; an equal reordering changed
+    every CPU demo run's weights after one step."""
+    torch.manual_seed(0)
+    x, dy, w = torch.randn(2, 8, 3, 16), torch.randn(2, 8, 3, 16), torch.rand(16) + 0.5
+    tables = rope.rope_tables(16, 0.5, 8)
+    dx, _ = rope.norm_rope_backward_reference(dy, x, w, tables, 1e-5)
+    centred = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + 1e-5)
+    normed = centred * rstd
+    cos, sin_next, sin_prev = tables[:, :8, None]
+    dz = dy * cos + (dy * sin_next).roll(1, dims=-1) + (dy * sin_prev).roll(-1, dims=-1)
+    dn = dz * w
+    expected = (dn - dn.mean(-1, keepdim=True) - normed * (dn * normed).mean(-1, keepdim=True)) * rstd
+    assert torch.equal(dx, expected)

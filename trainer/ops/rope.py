@@ -97,9 +97,9 @@ def norm_rope_backward_reference(dy, x, weight, tables, eps: float, rms: bool = 
     dz = dy * cos + (dy * sin_next).roll(1, dims=-1) + (dy * sin_prev).roll(-1, dims=-1)
     dweight = (dz * normed).reshape(-1, x.shape[-1]).sum(0)
     dn = dz * weight.to(wide)
-    dx = dn - normed * (dn * normed).mean(-1, keepdim=True)
-    if not rms:
-        dx = dx - dn.mean(-1, keepdim=True)
+    projection = normed * (dn * normed).mean(-1, keepdim=True)
+    # LayerNorm's in the order it has always been evaluated (a reordering changes the last bits)
+    dx = dn - projection if rms else dn - dn.mean(-1, keepdim=True) - projection
     return (dx * rstd).to(x.dtype), dweight.to(weight.dtype)
 
 
@@ -254,10 +254,11 @@ if triton is not None:
                 dw += tl.sum(dz * normed, axis=0)
                 dn = dz * w
                 mean_dn_n = tl.sum(dn * normed, axis=1) / D
-                dx = dn - normed * mean_dn_n[:, None]
-                if not RMS:  # LayerNorm's centring: its gradient less its mean
-                    dx -= (tl.sum(dn, axis=1) / D)[:, None]
-                dx *= rstd[:, None]
+                if RMS:
+                    dx = (dn - normed * mean_dn_n[:, None]) * rstd[:, None]
+                else:  # LayerNorm's, in the order it has always been evaluated (the same last bits)
+                    mean_dn = tl.sum(dn, axis=1) / D
+                    dx = (dn - mean_dn[:, None] - normed * mean_dn_n[:, None]) * rstd[:, None]
                 tl.store(dqkv + at_qkv, dx.to(dqkv.dtype.element_ty), mask=mask)
         if part < 2:
             tl.store(dw_partial + (part * tl.num_programs(0) + program) * D + cols, dw, mask=cols < D)
