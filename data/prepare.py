@@ -5,6 +5,8 @@ Sources:
   pretokenized  download the public GPT-2 FineWeb shards the paper used (kjj0/fineweb100B-gpt2)
   text          local .txt / .jsonl / .parquet files or directories
   demo          text that ships with Python itself: no network at all
+  installed     every source and text file of this Python installation, for the GPT-2 tokenizer
+                with no network (pass --tokenizer-file offline)
   inspect       statistics, header check and a few decoded windows of a shard directory
 Shards are named `<dataset>_val_%06d.bin` (first) and `<dataset>_train_%06d.bin`, in the format
 of trainer/shards.py; meta.json records tokenizer, vocabulary, token counts, source and sha256.
@@ -23,7 +25,16 @@ import numpy as np
 
 from data import pretokenized
 from data.shardwriter import Progress, ShardWriter
-from data.sources import SourceError, demo_documents, python_identity, stream_dataset, stream_local
+from data.sources import (
+    SourceError,
+    demo_documents,
+    installed_documents,
+    installed_files,
+    installed_identity,
+    python_identity,
+    stream_dataset,
+    stream_local,
+)
 from data.tokenizers import TokenizerError, load_tokenizer, padded_vocab
 from trainer.shards import (
     MAX_TOKEN,
@@ -177,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     text.add_argument("--text-field", default="text")
     demo = tokenising("demo", "text that ships with Python (no network)")
     demo.set_defaults(tokenizer="bytes", shard_tokens=1_000_000, val_tokens=100_000)
+    tokenising("installed", "the source and text files of this Python installation (no network)")
     pre = sub.add_parser(
         "pretokenized", help="download the public GPT-2 FineWeb shards (kjj0/fineweb100B-gpt2)"
     )
@@ -217,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
 
             def documents(skip: int) -> Iterator[str]:
                 return stream_local(args.inputs, args.text_field, skip)
+
+        elif args.source == "installed":
+            files = installed_files()
+            # the installation's fingerprint: a resume on another installation is refused
+            source = {"kind": "installed", **installed_identity(files)}
+
+            def documents(skip: int) -> Iterator[str]:
+                return installed_documents(skip, files)
 
         else:
             source = {"kind": "demo"}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import random
+import site
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -21,6 +23,8 @@ DEMO_SKIP_DIRS = {
     "lib2to3",
     "ensurepip",
 }
+# The files of an installation that are text a tokenizer should see: source, stubs and docs.
+INSTALLED_SUFFIXES = {".py", ".pyi", ".md", ".rst", ".txt"}
 
 
 class SourceError(ValueError):
@@ -126,6 +130,48 @@ def demo_documents(skip: int = 0) -> Iterator[str]:
             docs.append(doc)
     random.Random(0).shuffle(docs)
     yield from docs[skip:]
+
+
+def installed_files() -> list[tuple[Path, str]]:
+    """The text files of this Python installation (standard library and site-packages), each
+    with a name relative to its folder, in one fixed shuffled order."""
+    roots = [Path(sysconfig.get_paths()["stdlib"]), *map(Path, site.getsitepackages())]
+    found: dict[Path, str] = {}
+    for root in roots:
+        if root.is_dir():
+            for path in sorted(root.rglob("*")):
+                if path.suffix in INSTALLED_SUFFIXES and path.is_file():
+                    found.setdefault(path.resolve(), f"{root.name}/{path.relative_to(root)}")
+    files = sorted(found.items(), key=lambda item: item[1])
+    random.Random(0).shuffle(files)
+    return files
+
+
+def installed_identity(files: list[tuple[Path, str]]) -> dict:
+    """What makes `installed_documents` reproducible: the Python version and the files' names and sizes."""
+    digest = hashlib.sha256()
+    size = 0
+    for path, name in files:
+        n = path.stat().st_size
+        digest.update(f"{name}\0{n}\n".encode())
+        size += n
+    return {**python_identity(), "files": len(files), "bytes": size, "sha256": digest.hexdigest()}
+
+
+def installed_documents(skip: int = 0, files: list[tuple[Path, str]] | None = None) -> Iterator[str]:
+    """Every text file of this installation as one document (its name, a blank line, its text),
+    from document `skip` on; files that are not UTF-8 are left out. Real text for the GPT-2
+    tokenizer on a machine with no network (the source of torch, numpy, the standard library...).
+    """
+    count = 0
+    for path, name in installed_files() if files is None else files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if count >= skip:
+            yield f"{name}\n\n{text}"
+        count += 1
 
 
 def python_identity() -> dict:

@@ -1,5 +1,6 @@
 """data.prepare: round trips, resumability, the datasets code path on local files, tokenizers."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -223,6 +224,32 @@ def test_demo_corpus_is_offline_and_deterministic(tmp_path):
     assert [s["tokens"] for s in meta_a["shards"]] == [50_000, 500_000, 500_000]
     text = load_tokenizer("bytes").decode(open_shard(a / "demo_train_000001.bin")[:200_000])
     assert "def " in text or "Return" in text  # Python's docs and docstrings
+
+
+def test_installed_corpus_is_this_installation_in_a_fixed_order(tmp_path):
+    from data.sources import installed_documents, installed_files, installed_identity
+
+    files = installed_files()
+    names = [name for _, name in files]
+    assert files == installed_files() and len(set(names)) == len(names)
+    assert any(name.endswith("/json/__init__.py") for name in names)  # the standard library
+    assert any("site-packages/torch/" in name for name in names)  # and what pip installed
+    first = list(itertools.islice(installed_documents(0, files), 5))
+    assert list(itertools.islice(installed_documents(2, files), 3)) == first[2:]
+    name, _, text = first[0].partition("\n\n")
+    assert name == files[0][1] and text == files[0][0].read_text(encoding="utf-8")
+    # the fingerprint changes with the set of files: a resume on another installation is refused
+    assert installed_identity(files) == installed_identity(list(files))
+    assert installed_identity(files[1:])["sha256"] != installed_identity(files)["sha256"]
+
+    out = tmp_path / "pycode"
+    args = ["installed", "--out", str(out), "--tokenizer", "bytes", "--shard-tokens", "100000"]
+    prepare(*args, "--val-tokens", "10000", "--train-shards", "1")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["source"]["kind"] == "installed" and meta["source"]["files"] == len(files)
+    assert [s["tokens"] for s in meta["shards"]] == [10_000, 100_000]
+    first_text = load_tokenizer("bytes").decode(open_shard(out / "pycode_val_000000.bin")[1:200])
+    assert first_text.startswith(names[0])
 
 
 @pytest.mark.slow

@@ -63,6 +63,15 @@ def test_dry_run_train_jobs(tmp_path, targets, expected):
     assert counts["train_run"] == expected and counts["evaluate"] == expected
 
 
+@pytest.mark.parametrize("configfile", sorted((REPO / "config").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.slow
+def test_every_experiment_file_plans(tmp_path, configfile):
+    """Each shipped experiment file passes the schema and the grid, and plans one train job per run."""
+    counts = dry_run(configfile=configfile, cwd=tmp_path)
+    expected = 0 if configfile.name == "published.yaml" else len(load(configfile).runs)
+    assert counts.get("train_run", 0) == expected and counts.get("evaluate", 0) == expected
+
+
 def test_run_ids_round_trip_through_the_wildcard():
     grid = load(PAPER)
     assert len(grid.runs) == 560
