@@ -140,6 +140,20 @@ def test_where_pins_every_member_and_keeps_the_labels(tmp_path):
     assert len(chosen) and set(chosen["optim.schedule"]) == {"wsd"} and set(chosen["method"]) == {"baseline"}
 
 
+def test_labelled_members_head_the_columns(tmp_path):
+    runs = runs_csv(SCHEDULE_RUNS, tmp_path / "runs.csv")
+    labelled = experiment(c={"members": {"plain": "baseline", "z": "zloss:1e-4"}, "rows": "optim.schedule"})
+    written = experiment(c={"members": ["baseline", "zloss:1e-4"], "rows": "optim.schedule"})
+    assert [m.text for m in labelled.comparison("c").members] == ["plain", "z"]
+    a = compute_tables(runs, labelled, labelled.comparison("c"))["best_loss"][0]
+    b = compute_tables(runs, written, written.comparison("c"))["best_loss"][0]
+    assert list(a.columns) == ["optim.schedule", "plain", "z"]
+    assert a[["plain", "z"]].values.tolist() == b[["baseline", "zloss:1e-4"]].values.tolist()
+    for bad in ({"scale": "baseline"}, {" ": "baseline"}, {"a\nb": "baseline"}):
+        with pytest.raises(ValueError, match="cannot label a member"):
+            experiment(c={"members": bad})
+
+
 def test_one_percent_label_per_row_value(tmp_path):
     runs = runs_csv(SCHEDULE_RUNS, tmp_path / "runs.csv")
     exp = experiment(c={"members": ["baseline", "zloss:1e-4"], "rows": "optim.schedule"})
@@ -229,6 +243,7 @@ def test_string_over_axis_is_an_error(tmp_path):
 def test_rel_time_is_relative_to_the_reference_member(tmp_path):
     runs = runs_csv(
         [run("tiny", "baseline", 1e-2, 3.0, time=100.0),
+         run("tiny", "baseline", 1e-2, 3.0, sched="wsd", time=125.0),
          run("tiny", "zloss", 1e-2, 3.0, value=1e-4, time=110.0),
          run("tiny", "zloss", 1e-2, 3.0, value=1e-3, time=130.0),  # not a member, but pooled
          run("tiny", "zloss", 1e-2, 3.0, value=1e-4, sched="wsd", time=150.0),
@@ -237,22 +252,28 @@ def test_rel_time_is_relative_to_the_reference_member(tmp_path):
          run("tiny", "softcap", 1e-2, 3.0, value=30.0, tied=True, time=220.0)],
         tmp_path / "runs.csv",
     )  # fmt: skip
-    members = ["baseline", "zloss:1e-4,optim.schedule=cosine", "zloss:1e-4,optim.schedule=wsd"]
-    times = [100.0, 120.0, 150.0]  # each member's pool: its method, pins and tying, all values
+    members = [
+        "baseline,optim.schedule=cosine",
+        "zloss:1e-4,optim.schedule=cosine",
+        "zloss:1e-4,optim.schedule=wsd",
+    ]
+    base, cosine, wsd = 100.0, 120.0, 150.0  # each member's pool: its method, pins and tying, all values
+    nan = float("nan")
 
     def rel_time(comparison):
         exp = experiment(c=comparison)
         return compute_tables(runs, exp, exp.comparison("c"))["rel_time"][0].iloc[0, 2:].tolist()
 
-    assert rel_time(members) == pytest.approx([t / 100 - 1 for t in times])
-    assert rel_time({"members": members, "reference": "mucentering"}) == pytest.approx(
-        [t / 90 - 1 for t in times]
-    )
-    assert rel_time({"members": members, "reference": "baseline@tied"}) == pytest.approx(
-        [t / 200 - 1 for t in times]
-    )
-    pinned = {"members": members, "reference": "zloss:1e-4,optim.schedule=wsd"}
-    assert rel_time(pinned) == pytest.approx([t / 150 - 1 for t in times])
+    # the reference takes each member's pins: zloss at wsd against baseline at wsd
+    assert rel_time(members) == pytest.approx([0.0, cosine / base - 1, wsd / 125 - 1])
+    mucentering = {"members": members, "reference": "mucentering"}  # no mucentering run at wsd
+    assert rel_time(mucentering) == pytest.approx([base / 90 - 1, cosine / 90 - 1, nan], nan_ok=True)
+    tied = {"members": members, "reference": "baseline@tied"}
+    assert rel_time(tied) == pytest.approx([base / 200 - 1, cosine / 200 - 1, nan], nan_ok=True)
+    pinned = {"members": members, "reference": "zloss:1e-4,optim.schedule=wsd"}  # its own pin wins
+    assert rel_time(pinned) == pytest.approx([base / wsd - 1, cosine / wsd - 1, 0.0])
+    labelled = {"members": dict(zip(["b", "zc", "zw"], members, strict=True)), "reference": "zw"}
+    assert rel_time(labelled) == rel_time(pinned)  # a label names a member
     # the default reference takes each member's tying: softcap@tied against baseline@tied
     assert rel_time(["softcap:30@tied"]) == pytest.approx([220 / 200 - 1])
 

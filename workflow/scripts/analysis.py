@@ -9,8 +9,8 @@ per member. For one row value and one member, L(x) is test_loss at each value x 
   L0 of the member's scale at that row value).
   relative time = (mean time of the member's pool - mean time of the reference's) / the latter.
   A pool is every run of the method at that row value with the member's pins (all its values,
-  lrs and seeds), same tying; the reference (default baseline) takes the member's tying unless
-  it is written @tied.
+  lrs and seeds), same tying; the reference (default baseline: a member's label, else a member
+  as written) takes the member's tying and pinned axes where it sets none of its own.
   diverged_1pct: loss more than 1% above the lowest loss of the comparison at that row value
   and over value.
   ranking: each member's place by best loss within a row (1 = lowest).
@@ -31,7 +31,7 @@ import pandas as pd
 from trainer.config import AXES, axis_type
 from trainer.contract import COMPLETED, PUBLISHED
 from workflow.scripts.experiment import Comparison, Experiment
-from workflow.scripts.runids import Member, fmt, format_axis_value, parse_member
+from workflow.scripts.runids import Member, fmt, format_axis_value
 
 TABLES = ("best_loss", "best_lr", "lr_sensitivity", "rel_time", "ranking")
 
@@ -57,7 +57,7 @@ def check_over(comparison: Comparison) -> None:
 
 
 def check_columns(runs: pd.DataFrame, comparison: Comparison, source: str) -> None:
-    pinned = [key for m in (*comparison.members, parse_member(comparison.reference)) for key, _ in m.pins]
+    pinned = [key for m in (*comparison.members, comparison.reference_member()) for key, _ in m.pins]
     missing = sorted({comparison.rows, comparison.over, *pinned} - set(runs.columns))
     if missing:
         raise ValueError(f"{source} has no column {', '.join(missing)} (the comparison needs it)")
@@ -152,21 +152,26 @@ def member_L0(rows: pd.DataFrame, experiment: Experiment, name: str, where: str)
     return experiment.L0(scales[0]) if scales else math.nan
 
 
-def mean_time(runs: pd.DataFrame, method: str, tied: bool, pins, seed: int | None) -> float:
-    """Mean train_time_s of every run of the method (all its values) with this tying and pins."""
+def time_pool(runs: pd.DataFrame, method: str, tied: bool, pins, seed: int | None) -> pd.DataFrame:
+    """Every run of the method (all its values and lrs) with this tying and pins."""
     part = runs[(runs["method"] == method) & (runs["tied"] == tied)]
     for key, value in pins:
         part = part[part[key] == value]
-    if seed is not None:
-        part = part[part["seed"] == seed]
+    return part if seed is None else part[part["seed"] == seed]
+
+
+def mean_time(part: pd.DataFrame) -> float:
     times = pd.to_numeric(part["train_time_s"], errors="coerce")
     return float(times[np.isfinite(times)].mean()) if np.isfinite(times).any() else math.nan
 
 
 def relative_time(runs: pd.DataFrame, member: Member, reference: Member, row, seed: int | None) -> float:
-    """The member's pool against the reference's at one row value (`row`: (axis, value))."""
-    base = mean_time(runs, reference.method, reference.tied or member.tied, (*reference.pins, row), seed)
-    time = mean_time(runs, member.method, member.tied, (*member.pins, row), seed)
+    """The member's pool against the reference's at one row value (`row`: (axis, value)). The
+    reference takes the member's tying and pins where it sets none of its own: the reference
+    `baseline` of a member pinned to wsd is baseline at wsd, not the mean of every schedule."""
+    pins = {**dict(member.pins), **dict(reference.pins), row[0]: row[1]}
+    base = mean_time(time_pool(runs, reference.method, reference.tied or member.tied, pins.items(), seed))
+    time = mean_time(time_pool(runs, member.method, member.tied, (*member.pins, row), seed))
     return (time - base) / base if base > 0 else math.nan
 
 
@@ -210,7 +215,7 @@ def compute_tables(
     """{table: (mean frame, std frame or None)}; frames have the row_columns, then the members."""
     chosen = select(runs, comparison, source)
     present = [m for m in comparison.members if m.text in chosen]
-    reference = parse_member(comparison.reference)
+    reference = comparison.reference_member()
     axis, over = comparison.rows, comparison.over
     values = row_values(pd.concat(chosen.values()), comparison, experiment)
     parts = {(v, m.text): at(chosen[m.text], axis, v) for v in values for m in present}

@@ -33,6 +33,11 @@ class Comparison:
     over: str = "lr"
     reference: str = "baseline"
 
+    def reference_member(self) -> Member:
+        """What rel_time is relative to: the member labelled `reference`, else that member text."""
+        labelled = [m for m in self.members if m.text == self.reference]
+        return labelled[0] if labelled else parse_member(self.reference)
+
 
 def parse_comparison(name: str, spec) -> Comparison:
     """A comparison from the experiment file; a ValueError names what is wrong."""
@@ -45,22 +50,39 @@ def parse_comparison(name: str, spec) -> Comparison:
         where = spec.get("where") or {}
     else:
         options, members, where = {}, spec, {}
-    if not isinstance(members, list) or not members:
-        raise ValueError("members: a list of at least one member")
+    if isinstance(members, dict):  # {label: member}: the label heads the table column and the legend
+        labelled = [(str(label), text) for label, text in members.items()]
+        for label, _ in labelled:
+            if (
+                not label.strip()
+                or "\n" in label
+                or label in COORDINATES
+                or label in AXES
+                or label == "params"
+            ):
+                raise ValueError(
+                    f"members: {label!r} cannot label a member (empty, a line break, or a column name)"
+                )
+    elif isinstance(members, list) and members:
+        labelled = [(str(text), text) for text in members]  # labelled as written
+    else:
+        raise ValueError("members: a list of at least one member, or a mapping of labels to members")
     for key in ("rows", "over"):
         value = options.get(key)
         if value is not None and value not in COORDINATES and value not in AXES:
             raise ValueError(f"{key}: {value!r} is not scale, lr or a run-config axis")
     if options.get("rows", "scale") == options.get("over", "lr"):
         raise ValueError("rows and over must be different axes")
-    parse_member(options.get("reference", "baseline"))
     if not isinstance(where, dict):
         raise ValueError("where: a mapping of axis keys (or scale) to one value each")
     shared = ",".join(f"{k}={v}" for k, v in where.items())
+    reference = options.get("reference", "baseline")
+    if reference not in dict(labelled):
+        parse_member(reference)  # a member as written, if it names no member's label
     parsed = []
-    for text in members:
+    for label, text in labelled:
         member = parse_member(f"{text},{shared}" if shared else text)
-        parsed.append(dataclasses.replace(member, text=str(text)))  # labelled as written
+        parsed.append(dataclasses.replace(member, text=label))
     return Comparison(name, tuple(parsed), **options)
 
 
