@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import REPO
-from trainer.config import ModelConfig
+from trainer import model as model_module
+from trainer.config import MethodConfig, ModelConfig
+from trainer.methods import build_method
 from trainer.model import GPT, NORM_EPS, fast_path_coverage, parameter_count, swiglu_hidden
 from trainer.ops import rope
 from trainer.ops.fast_path import plain_pytorch
@@ -108,6 +110,30 @@ def test_a_sequence_longer_than_seq_len_is_refused():
     model(torch.zeros(1, 16, dtype=torch.long))  # seq_len itself is fine
     with pytest.raises(ValueError, match=r"^17 tokens per sequence: longer than model.seq_len=16$"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "method", [MethodConfig(), MethodConfig(name="softcap", cap=2.0)], ids=["baseline", "softcap"]
+)
+def test_drawn_labels_come_from_the_output_logits_a_slice_at_a_time(monkeypatch, method):
+    """Sophia's Hessian pass: labels drawn from the model's own (capped) logits, DRAW_POSITIONS
+    positions at a time; the cross-entropy against them is the one of the full logits."""
+    torch.manual_seed(0)
+    model = GPT(tiny(), build_method(method))
+    x = torch.randint(0, 64, (3, 16))
+    monkeypatch.setattr(model_module, "DRAW_POSITIONS", 5)  # 48 positions: 10 slices, the last short
+    slices = []
+
+    def argmax(logits):
+        slices.append(len(logits))
+        return logits.argmax(-1)
+
+    labels = model.draw_labels(x, argmax)
+    logits = model(x)
+    assert slices == [5] * 9 + [3] and torch.equal(labels, logits.argmax(-1))
+    cross_entropy, _ = model(x, labels)
+    expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(cross_entropy, expected)
 
 
 # --- Llama-style switches ---------------------------------------------------------------------

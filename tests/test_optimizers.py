@@ -20,15 +20,16 @@ from trainer.distributed import process_group
 from trainer.evaluate import evaluate
 from trainer.model import GPT
 from trainer.optim import (
+    STATE_FLOATS,
     Composite,
     RunShape,
     build_optimizer,
     optimizer_hooks,
     run_shape,
-    sampled_cross_entropy,
     set_learning_rate,
 )
 from trainer.shards import ValidationSet
+from trainer.sophia import sample_from_softmax
 from trainer.validation import validation_loss
 
 CPU = torch.device("cpu")
@@ -317,20 +318,20 @@ def update_sophia():
     sampled = {n: g * torch.logspace(-1, 2, g.numel()).view_as(g) for n, g in gradients(model, 3).items()}
     calls = []
 
-    def logits_backward(loss_of_logits):
-        calls.append(loss_of_logits)
+    def drawn_backward(draw):
+        calls.append(draw)
         for n, p in model.named_parameters():
             p.grad = sampled[n].clone()  # as if from the sampled-label cross-entropy
 
     step(opt, model, g1)
-    hooks.after_step(opt, 1, logits_backward)
+    hooks.after_step(opt, 1, drawn_backward)
     assert calls == []  # every hessian_interval (2) steps
     for name, wd in (("w", WD), ("b", 0.0)):  # no estimate yet: h = 0 clips to lr sign(m)
         assert_close(getattr(model, name), p0[name] * (1 - LR * wd) - LR * torch.sign(g1[name]))
     p1 = {n: p.detach().clone() for n, p in model.named_parameters()}
     step(opt, model, g1)
-    hooks.after_step(opt, 2, logits_backward)
-    assert calls == [sampled_cross_entropy] and all(p.grad is None for p in model.parameters())
+    hooks.after_step(opt, 2, drawn_backward)
+    assert calls == [sample_from_softmax] and all(p.grad is None for p in model.parameters())
     p2 = {n: p.detach().clone() for n, p in model.named_parameters()}
     step(opt, model, g2)
     for name, wd in (("w", WD), ("b", 0.0)):
@@ -371,10 +372,37 @@ def test_defining_update(name):
     UPDATES[name]()
 
 
-def test_sampled_cross_entropy_draws_labels_from_the_logits():
-    peaked = torch.full((3, 5, 7), -30.0).scatter_(-1, torch.randint(0, 7, (3, 5, 1)), 30.0)
-    assert sampled_cross_entropy(peaked) < 1e-6  # every label is the peak
-    assert sampled_cross_entropy(torch.zeros(3, 5, 7)) == pytest.approx(math.log(7))
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_floats_never_overstate_the_optimizer_state(name):
+    """The memory estimate counts STATE_FLOATS fp32 values per parameter: measured after a step,
+    the state holds that many (more for Muon's AdamW part and SOAP's preconditioners, never fewer)."""
+    model = Toy()
+    opt, _ = start(name, model, RunShape(steps=10, batch_tokens=10))
+    step(opt, model, gradients(model, 1))
+    if name == "sophia":
+        opt.update_hessian()
+    parts = opt.parts if isinstance(opt, Composite) else [opt]
+    values = sum(
+        v.numel()
+        for part in parts
+        for state in part.state.values()
+        for v in state.values()
+        if torch.is_tensor(v)
+    )
+    per_parameter = values / sum(p.numel() for p in model.parameters())
+    assert per_parameter >= STATE_FLOATS[name]
+    if name not in ("muon", "dmuon"):  # one momentum for the matrix, two moments for the vector
+        assert per_parameter < STATE_FLOATS[name] + 0.5
+
+
+def test_sample_from_softmax_draws_labels_by_their_probability():
+    peaks = torch.randint(0, 7, (15,))
+    peaked = torch.full((15, 7), -30.0).scatter_(-1, peaks[:, None], 30.0)
+    assert torch.equal(sample_from_softmax(peaked), peaks)  # every label is the peak
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(60_000, 3)
+    counts = torch.bincount(sample_from_softmax(logits), minlength=3) / 60_000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.2]), atol=0.01, rtol=0)
 
 
 def test_muon_orthogonalises_the_fused_qkv_matrix_whole():

@@ -29,6 +29,9 @@ from trainer.ops.rope import fusion_blocker, qkv_norm_rope, rope_tables
 # the two differ in the centring only. (nn.RMSNorm's own default, eps=None, would be the
 # input dtype's machine epsilon: another eps in bf16 than in fp32, and no kernel fusion.)
 NORM_EPS = 1e-5
+# Positions per slice of draw_labels: 8192 x 50304 fp32 logits are 1.6 GB, and a slice this
+# long keeps the GPU busy.
+DRAW_POSITIONS = 8192
 
 NORM_CLASSES = {
     "layernorm": lambda size: nn.LayerNorm(size, eps=NORM_EPS, bias=False),
@@ -188,6 +191,16 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, self.rope)
         return self.ln_f(x)
+
+    @torch.no_grad()
+    def draw_labels(self, idx: torch.Tensor, draw) -> torch.Tensor:
+        """A label per position, draw(logits) of the model's output logits (fp32) for
+        DRAW_POSITIONS positions at a time: the batch's full logits never exist at once."""
+        h = self.hidden(idx).flatten(0, -2)
+        logits_of = (
+            self.method.transform_logits(self.lm_head(part).float()) for part in h.split(DRAW_POSITIONS)
+        )
+        return torch.cat([draw(logits) for logits in logits_of]).view(idx.shape)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         h = self.hidden(idx)

@@ -34,10 +34,10 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from trainer.config import ConfigError, OptimConfig
 from trainer.contract import OPTIMIZERS, PARAM_ROLES, check_implements
+from trainer.sophia import SophiaG, sample_from_softmax
 
 
 def param_role(model: torch.nn.Module, name: str, p: torch.nn.Parameter) -> str:
@@ -131,69 +131,6 @@ class Composite:
             part.load_state_dict(part_state)
 
 
-# --- Sophia: written here ----------------------------------------------------------------------
-
-
-class SophiaG(torch.optim.Optimizer):
-    """Sophia with the Gauss-Newton-Bartlett Hessian estimate (Liu et al. 2023, "Sophia-G").
-
-    Written here because no maintained library has it: pytorch-optimizer has SophiaH only, which
-    estimates the Hessian by Hutchinson products from a create_graph backward at steps of its own,
-    and clips m / h at p where Sophia-G clips m / (rho h) at 1.
-
-    Per step, with decoupled decay: p <- p (1 - lr wd); m <- beta1 m + (1 - beta1) g;
-    p <- p - lr sign(m) min(|m| / (rho h + 1e-15), 1). Every hessian_interval steps the training
-    loop calls update_hessian() with .grad holding the gradient g_s of the batch-mean
-    cross-entropy against labels sampled from the model's own softmax (OptimizerHooks.after_step):
-    h <- beta2 h + (1 - beta2) B g_s^2, B the tokens of the batch (the GNB estimate B g_s^2; the
-    reference code stores the EMA of g_s^2 and multiplies by B in the step, the same up to rounding).
-    Before the first estimate h is 0: every update is clipped to lr sign(m).
-    """
-
-    def __init__(
-        self, params, lr, betas: tuple[float, float], rho: float, batch_tokens: int, hessian_interval: int
-    ):
-        super().__init__(params, {"lr": lr, "betas": betas, "rho": rho, "weight_decay": 0.0})
-        self.batch_tokens, self.hessian_interval = batch_tokens, hessian_interval
-
-    def _state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(p)
-            state["hessian"] = torch.zeros_like(p)
-        return state
-
-    @torch.no_grad()
-    def update_hessian(self) -> None:
-        for group in self.param_groups:
-            beta2 = group["betas"][1]
-            for p in group["params"]:
-                if p.grad is not None:
-                    h = self._state(p)["hessian"]
-                    h.mul_(beta2).addcmul_(p.grad, p.grad, value=(1 - beta2) * self.batch_tokens)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, beta1, rho = group["lr"], group["betas"][0], group["rho"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._state(p)
-                m = state["exp_avg"]
-                p.mul_(1 - lr * group["weight_decay"])
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                ratio = (m.abs() / (rho * state["hessian"] + 1e-15)).clamp_(max=1.0)
-                p.addcmul_(m.sign(), ratio, value=-lr)
-
-
-def sampled_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits against labels drawn from their own softmax (the GNB loss)."""
-    flat = logits.reshape(-1, logits.size(-1)).float()
-    labels = torch.multinomial(torch.softmax(flat.detach(), dim=-1), 1).squeeze(-1)
-    return F.cross_entropy(flat, labels)
-
-
 # --- hooks: what the training loop asks of an optimizer besides step and zero_grad --------------
 
 
@@ -205,10 +142,11 @@ class OptimizerHooks:
         to evaluate; after, exactly the training weights again."""
         return nullcontext()
 
-    def after_step(self, optimizer, step: int, logits_backward: Callable) -> None:
+    def after_step(self, optimizer, step: int, drawn_backward: Callable) -> None:
         """After step `step` (1-based) is complete: the optimizer's step, zero_grad and the method's
-        after_step. logits_backward(loss_of_logits) runs forward and backward of the batch mean of
-        loss_of_logits(the model's output logits) over this step's inputs (gradients into .grad)."""
+        after_step. drawn_backward(draw) runs forward and backward of the batch-mean cross-entropy
+        of this step's inputs against labels draw(logits) drawn from the model's own output
+        logits, a slice of positions at a time (gradients into .grad)."""
 
     def weight_copies(self, optimizer, param: torch.Tensor) -> list[torch.Tensor]:
         """Tensors of the optimizer's state that hold weights of param too: the in-place change a
@@ -257,9 +195,9 @@ class SophiaHooks(OptimizerHooks):
     the step's whole batch (micro-batch after micro-batch, so it does not depend on the
     micro-batch size), then SophiaG.update_hessian()."""
 
-    def after_step(self, optimizer, step, logits_backward) -> None:
+    def after_step(self, optimizer, step, drawn_backward) -> None:
         if step % optimizer.hessian_interval == 0:
-            logits_backward(sampled_cross_entropy)
+            drawn_backward(sample_from_softmax)
             optimizer.update_hessian()
             optimizer.zero_grad(set_to_none=True)
 
@@ -442,7 +380,7 @@ def sfadamw(model, cfg, device, shape) -> torch.optim.Optimizer:
 
 
 def sophia(model, cfg, device, shape) -> torch.optim.Optimizer:
-    """Sophia-G: SophiaG above (written here: see its doc) on every role's group, betas
+    """Sophia-G: trainer.sophia.SophiaG (written here: see its doc) on every role's group, betas
     optim.beta1, optim.beta2, clipping scale optim.rho, decoupled decay, a Hessian estimate
     every optim.hessian_interval steps (SophiaHooks). optim.lr: the largest step of a coordinate."""
     return SophiaG(
@@ -470,6 +408,21 @@ BUILDERS: dict[str, Callable] = {
     "sophia": sophia,
 }
 check_implements("optimizers", BUILDERS, OPTIMIZERS)
+# fp32 values of optimizer state per parameter, at least (for the memory estimate of train.py):
+# Muon keeps one for its matrices and two for the AdamW part, SOAP adds its preconditioners
+# (two m x m and two n x n per matrix) to two moments. tests/test_optimizers.py measures them.
+STATE_FLOATS: dict[str, int] = {
+    "adamw": 2, "muon": 1, "dmuon": 1, "lion": 1, "signum": 1, "ademamix": 3, "adopt": 2,
+    "mars": 3, "soap": 2, "prodigy": 4, "sfadamw": 2, "sophia": 2,
+}  # fmt: skip
+check_implements("optimizer state sizes", STATE_FLOATS, OPTIMIZERS)
+
+
+def bytes_per_parameter(name: str) -> int:
+    """fp32 weights and gradients, and the optimizer's state: 16 for AdamW."""
+    return 8 + 4 * STATE_FLOATS[name]
+
+
 NO_HOOKS = OptimizerHooks()
 HOOKS: dict[str, OptimizerHooks] = {"sfadamw": ScheduleFreeHooks(), "sophia": SophiaHooks()}
 assert set(HOOKS) <= set(OPTIMIZERS), sorted(set(HOOKS) - set(OPTIMIZERS))

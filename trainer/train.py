@@ -33,7 +33,7 @@ from trainer.distributed import Dist, process_group
 from trainer.files import read_log, write_atomic, write_json
 from trainer.methods import build_method
 from trainer.model import GPT, parameter_count
-from trainer.optim import build_optimizer, optimizer_hooks, run_shape, set_learning_rate
+from trainer.optim import build_optimizer, bytes_per_parameter, optimizer_hooks, run_shape, set_learning_rate
 from trainer.schedules import learning_rate
 from trainer.shards import (
     ShardError,
@@ -50,7 +50,8 @@ MICRO_BATCH_TOKENS = 32768  # "auto" micro-batch off CUDA: at most this many tok
 # "auto" on CUDA: the largest micro-batch whose estimated memory fits in this share of the GPU.
 # Bytes per token: 44 per (layer x width) of saved activations (bf16, compiled) plus the bf16
 # logits, which the loss kernel turns into their gradient in place (2 per vocabulary entry);
-# 16 bytes per parameter (weights, gradients, AdamW moments). Measured peaks on an H200: 60.6 GB
+# bytes per parameter: weights, gradients and optimizer state (optim.bytes_per_parameter: 16 for
+# AdamW, 12 to 24 for the others). Measured peaks on an H200 (AdamW): 60.6 GB
 # at 221M x 32 sequences and 115.1 GB at 221M x 64 (42 bytes per layer x width), 22.0 GB at
 # 16M x 64. 221M x 64 on an H200 (77% of its memory) trains 1.3% faster than 32 x 2 steps.
 GPU_MEMORY_SHARE = 0.8
@@ -78,7 +79,7 @@ def activation_bytes_per_token(cfg: RunConfig) -> int:
 
 def micro_tokens_for_memory(cfg: RunConfig, gpu_memory: int, n_params: int) -> int:
     """The token cap of micro_batch "auto" on a GPU of gpu_memory bytes (see GPU_MEMORY_SHARE)."""
-    budget = GPU_MEMORY_SHARE * gpu_memory - 16 * n_params
+    budget = GPU_MEMORY_SHARE * gpu_memory - bytes_per_parameter(cfg.optim.name) * n_params
     return max(cfg.model.seq_len, int(budget // activation_bytes_per_token(cfg)))
 
 
@@ -90,10 +91,10 @@ def device_memory(device: torch.device) -> int:
 
 
 def check_memory(cfg: RunConfig, n_params: int, micro: int, available: int, where: str) -> None:
-    """Refuse, before allocating, a run that cannot fit: 16 bytes per parameter (weights,
-    gradients, AdamW's two moments) and the activations of one micro-batch (ACTIVATION_BYTES).
+    """Refuse, before allocating, a run that cannot fit: weights, gradients and the optimizer's
+    state (optim.bytes_per_parameter) and the activations of one micro-batch (ACTIVATION_BYTES).
     An estimate from below (bf16, compiled): what it refuses surely does not fit."""
-    weights = 16 * n_params
+    weights = bytes_per_parameter(cfg.optim.name) * n_params
     activations = micro * cfg.model.seq_len * activation_bytes_per_token(cfg)
     if weights + activations > available:
         raise ConfigError(
@@ -341,12 +342,15 @@ class Run:
             mean += value.detach() / accum
         return mean
 
-    def logits_backward(self, inputs: torch.Tensor, loss_of_logits) -> None:
-        """For an optimizer's hook: backward of the batch mean of loss_of_logits(output logits)."""
+    def drawn_backward(self, inputs: torch.Tensor, draw) -> None:
+        """For an optimizer's hook: backward of the batch-mean cross-entropy against labels
+        draw(logits) drawn from the model's logits (OptimizerHooks.after_step). Through self.net,
+        as a training step: the fused loss (no full logits) and, with several ranks, all-reduced
+        gradients; the drawing pass is one more forward without gradients."""
 
         def loss_of(x):
-            loss = loss_of_logits(self.net(x))
-            return loss, loss
+            cross_entropy, _ = self.net(x, self.model.draw_labels(x, draw))
+            return cross_entropy, cross_entropy
 
         self.backward(loss_of, inputs)
 
@@ -366,7 +370,7 @@ class Run:
         embedding = self.model.output_embedding
         for weights in (embedding, *self.optimizer_hooks.weight_copies(self.optimizer, embedding)):
             self.model.method.after_step(weights)
-        self.optimizer_hooks.after_step(self.optimizer, self.step + 1, partial(self.logits_backward, inputs))
+        self.optimizer_hooks.after_step(self.optimizer, self.step + 1, partial(self.drawn_backward, inputs))
         return loss, grad_norm
 
     # --- the loop ----------------------------------------------------------------------------
