@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from trainer.contract import RUNS_EVAL_METRICS, ExperimentDir, RunDir
+from workflow.scripts import analysis, figures
 from workflow.scripts.aggregate import aggregate
 from workflow.scripts.experiment import Experiment
 
@@ -73,3 +74,11 @@ def test_library_modules_import_no_tool():
         "assert not [m for m in sys.modules if m.startswith('trainer.tools')], sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_the_schema_lists_exactly_the_tables_and_figures_that_exist():
+    """An experiment file may name only tables and figures the scripts make, and every one of them
+    (the overlay is drawn for `published` only, on request)."""
+    schema = yaml.safe_load((REPO / "workflow/schemas/experiment.schema.yaml").read_text())["properties"]
+    assert schema["tables"]["items"]["enum"] == list(analysis.TABLES)
+    assert schema["figures"]["items"]["enum"] == [f for f in figures.FIGURES if f != "overlay"]

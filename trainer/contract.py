@@ -123,7 +123,7 @@ OPTIMIZERS = registry(
         "mars",
         "MARS-AdamW (approximate): variance-reduced gradient on tensors of dim >= 2; vectors plain AdamW",
         (Param("gamma", "gam", 0.025, "variance-reduction weight", default=0.025),),
-    ),  # fmt: skip
+    ),
     Option(
         "soap",
         "SOAP: Adam in the eigenbasis of Shampoo's preconditioner",
@@ -137,7 +137,7 @@ OPTIMIZERS = registry(
                 default=10,
                 lo=1,
                 lo_open=False,
-            ),  # fmt: skip
+            ),
             Param(
                 "shampoo_beta",
                 "sb",
@@ -152,7 +152,7 @@ OPTIMIZERS = registry(
         "prodigy",
         "Prodigy: AdamW with the step size estimated on the fly (optim.lr is a multiplier, ~1); every optim.<role>_lr_scale must be 1",
         (Param("d_coef", "dc", 1.0, "scale of the estimated step size", default=1.0),),
-    ),  # fmt: skip
+    ),
     Option("sfadamw", "schedule-free AdamW: evaluation uses the averaged weights (optim.schedule: constant)"),
     Option(
         "sophia",
@@ -168,7 +168,7 @@ OPTIMIZERS = registry(
                 default=10,
                 lo=1,
                 lo_open=False,
-            ),  # fmt: skip
+            ),
         ),
     ),
 )
@@ -179,7 +179,7 @@ SCHEDULES = registry(
     Option(
         "wsd",
         "warmup, then optim.lr, then a decay (optim.decay_shape) to the final lr over the last optim.decay_fraction of the steps",
-    ),  # fmt: skip
+    ),
 )
 DECAY_SHAPES = registry(  # of wsd's decay, p the progress through it from 0 to 1
     Option("linear", "1 - p"),
@@ -223,6 +223,9 @@ LOGIT_STATS = (
 HIDDEN = ("mu_h_dot", "mu_h_cos")  # mu against the mean final hidden state
 EVAL_METRICS = ("test_loss", *GEOMETRY, *LOGIT_STATS, *HIDDEN)  # eval.json
 TRAIN_METRICS = ("train_time_s", "tokens_per_s")  # train.json
+# Figures drawn from each member's run directory (its logs and config) rather than runs.csv: an
+# experiment without run directories (published) cannot draw them.
+RUN_FIGURES = ("train_loss", "val_curves", "schedules")
 # The metric columns of runs.csv (docs/design.md "Metric names"); a completed run without one of
 # them is an error naming the run and the metric (aggregate).
 RUNS_EVAL_METRICS = ("test_loss", *GEOMETRY, *LOGIT_STATS)

@@ -12,6 +12,7 @@ sys.path.insert(
     0, workflow.basedir
 )  # the repo root: trainer/, data/, workflow/scripts/
 
+from trainer.contract import RUN_FIGURES
 from workflow.scripts.grid import ExperimentError, Grid, coerce_numbers, one_of
 from workflow.scripts.plan import plan, report as plan_text
 from workflow.scripts.runids import RUN_WILDCARD
@@ -75,7 +76,7 @@ def figures_of(comparison):
             m.method == "baseline" for m in GRID.comparisons[comparison].members
         ):
             continue  # the histogram is of the baseline member
-        if name in ("train_loss", "val_curves", "schedules") and PUBLISHED:
+        if name in RUN_FIGURES and PUBLISHED:
             continue  # published runs have no run directories
         names.append(name)
     return names

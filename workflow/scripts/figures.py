@@ -35,7 +35,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
-from trainer.contract import RunDir  # noqa: E402
+from trainer.contract import RUN_FIGURES, RunDir  # noqa: E402
 from trainer.files import read_log  # noqa: E402
 from trainer.schedules import learning_rate  # noqa: E402
 from workflow.scripts.analysis import (  # noqa: E402
@@ -268,6 +268,7 @@ RUN_CURVES = {
     "val_curves": (log_series("val_log", "tokens", "val_loss"), "tokens", "validation loss"),
     "schedules": (schedule_series, "step", "lr / optim.lr"),
 }
+assert tuple(RUN_CURVES) == RUN_FIGURES, "trainer.contract.RUN_FIGURES names the run-directory figures"
 
 
 def run_curves(name, runs, experiment, comparison, runs_dir: Path | None, source="runs.csv"):
