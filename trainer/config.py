@@ -380,6 +380,16 @@ _SECTIONS = {
 }
 
 
+def check_one_step_size(optim: OptimConfig) -> None:
+    """Prodigy has one step size for every parameter (its first group's), so every role's lr
+    scale must be 1: checked when a run config loads and when the optimizer is built."""
+    scaled = [r for r in PARAM_ROLES if getattr(optim, f"{r}_lr_scale") != 1.0]
+    if optim.name == "prodigy" and scaled:
+        raise ConfigError(
+            f"optim.{scaled[0]}_lr_scale: prodigy has one step size for every parameter (every scale must be 1)"
+        )
+
+
 def _check_consistency(cfg: RunConfig) -> None:
     m = cfg.model
     if m.n_embd % m.n_head:
@@ -402,12 +412,7 @@ def _check_consistency(cfg: RunConfig) -> None:
     for key in OPTIM_PARAMS:
         if key not in allowed and getattr(optim, key) is not None:
             raise ConfigError(f"optim.{key}: not a hyper-parameter of optimizer {optim.name}")
-    if optim.name == "prodigy":
-        scaled = [r for r in PARAM_ROLES if getattr(optim, f"{r}_lr_scale") != 1.0]
-        if scaled:
-            raise ConfigError(
-                f"optim.{scaled[0]}_lr_scale: prodigy has one step size for every parameter (every scale must be 1)"
-            )
+    check_one_step_size(optim)
     if optim.name == "sfadamw" and optim.schedule != "constant":
         raise ConfigError(
             "optim.schedule: schedule-free AdamW (sfadamw) needs `constant` (it is its own schedule)"

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.config import ConfigError, OptimConfig
+from trainer.config import OptimConfig, check_one_step_size
 from trainer.contract import OPTIMIZERS, PARAM_ROLES, check_implements
 from trainer.sophia import SophiaG, sample_from_softmax
 
@@ -351,9 +351,7 @@ def prodigy(model, cfg, device, shape) -> torch.optim.Optimizer:
     groups (the first group's lr), so the role lr scales must all be 1."""
     from pytorch_optimizer import Prodigy
 
-    scales = {role: getattr(cfg, f"{role}_lr_scale") for role in PARAM_ROLES}
-    if any(scale != 1.0 for scale in scales.values()):
-        raise ConfigError(f"optim.name: prodigy has one step size for every parameter; lr scales {scales}")
+    check_one_step_size(cfg)
     return Prodigy(
         param_groups(model, cfg),
         lr=cfg.lr,
