@@ -188,6 +188,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step: the global batch of sequences times their length."""
+        return self.train.batch_size * self.model.seq_len
+
     def resume_hash(self) -> str:
         """Hash of the values that change the math and differ from their defaults; a checkpoint
         is only resumed under one of resume_hashes().

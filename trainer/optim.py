@@ -92,7 +92,7 @@ class RunShape:
 
 def run_shape(cfg) -> RunShape:
     """The RunShape of a RunConfig."""
-    return RunShape(cfg.train.steps, cfg.train.batch_size * cfg.model.seq_len)
+    return RunShape(cfg.train.steps, cfg.tokens_per_step)
 
 
 # --- an optimizer of two optimizers (Muon and AdamW) ------------------------------------------

@@ -399,7 +399,6 @@ class Run:
         cfg, d = self.cfg, self.d
         self.install_signal_handlers()
         self.start_wandb()
-        tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
         start = time.perf_counter()
         last_ckpt = last_log_time = start
         last_log_step = self.step
@@ -426,7 +425,7 @@ class Run:
             last = self.step == cfg.train.steps
             if self.step % cfg.train.log_every == 0 or last:
                 loss_value = d.mean(loss.clone()).item()
-                rate = (self.step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
+                rate = (self.step - last_log_step) * cfg.tokens_per_step / max(now - last_log_time, 1e-9)
                 if last_log_step > 0 or self.step - last_log_step > 1:
                     rates.append(rate)
                 mu_norm = self.model.output_embedding.float().mean(dim=0).norm().item()
@@ -453,7 +452,7 @@ class Run:
                     val, _ = validation_loss(
                         self.net, self.val_windows, cfg.train.eval_batches, cfg.eval.micro_batch, d, self.amp
                     )
-                tokens = self.step * cfg.train.batch_size * cfg.model.seq_len
+                tokens = self.step * cfg.tokens_per_step
                 self.log({"step": self.step, "tokens": tokens, "val_loss": val}, self.files.val_log)
             by_time = (
                 cfg.train.checkpoint_minutes > 0 and now - last_ckpt >= 60 * cfg.train.checkpoint_minutes
@@ -483,7 +482,7 @@ class Run:
         if not self.d.is_main:
             return
         cfg = self.cfg
-        tokens = self.step * cfg.train.batch_size * cfg.model.seq_len
+        tokens = self.step * cfg.tokens_per_step
         with self.optimizer_hooks.evaluation_weights(self.optimizer):  # schedule-free: the average
             weights = self.model.state_dict() if status == "completed" else None
             checkpoint.save(

@@ -119,7 +119,6 @@ def bench(cfg: RunConfig, steps: int, warmup: int, out: Path, profile_steps: int
 
     with process_group() as d:
         run = Run(cfg, out, d)
-        tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
         sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
@@ -130,7 +129,7 @@ def bench(cfg: RunConfig, steps: int, warmup: int, out: Path, profile_steps: int
         loss = train_steps(run, cfg, steps)
         sync()
         elapsed = time.perf_counter() - t0
-        tokens_per_s = steps * tokens_per_step / elapsed  # the global batch, over all ranks
+        tokens_per_s = steps * cfg.tokens_per_step / elapsed  # the global batch, over all ranks
         peak = torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else float("nan")
         if profile_steps and d.device.type == "cuda":  # every rank trains (DDP), the first prints
             print_profile(run, cfg, profile_steps, show=d.is_main)

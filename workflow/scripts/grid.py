@@ -307,12 +307,12 @@ class Grid:
 
     def tokens(self, run_id: str) -> int:
         cfg = self.run_config(run_id)
-        train = cfg.get("train", {})
-        return (
-            int(train.get("steps", 100_000))
-            * int(train.get("batch_size", 64))
-            * int(cfg.get("model", {}).get("seq_len", 2048))
-        )
+
+        def value(key: str) -> int:  # as the run config sets it, else the loader's default
+            section, name = key.split(".")
+            return int(cfg.get(section, {}).get(name, axis_default(key)))
+
+        return value("train.steps") * value("train.batch_size") * value("model.seq_len")
 
     def gpu_hours(self, run_id: str) -> float:
         """GPU-hours of one run from the scale's throughput (tokens/s per GPU); NaN if unknown."""
