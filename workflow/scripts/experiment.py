@@ -1,10 +1,12 @@
 """What the analysis steps read from an experiment file: scales (params, L0), vocabulary, axes,
 comparisons.
 
-A comparison is a list of members, or a mapping with `members` and the table options:
+A comparison is a list of members, or a mapping with `members` (a list, labelled as written,
+or a mapping {label: member}) and the table options:
   rows: the axis of the table rows (default `scale`; or `lr`, or a swept run-config key)
   over: the axis the best value is taken over, the x axis of the figures (default `lr`)
-  reference: the member rel_time is relative to (default `baseline`, same tying as each member)
+  reference: what rel_time is relative to: a member's label, else a member as written (default
+    `baseline`), with each member's tying and pins where it sets none of its own
   where: pins every member shares, e.g. {scale: 124M} (written once instead of in each member)
 """
 
